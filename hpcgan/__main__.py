@@ -1,0 +1,3 @@
+from hpcgan.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""`hpcgan prepare | train | sample | evaluate | bench`: thin argument parsing over the package."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hpcgan.config import ConfigError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow", "urllib3", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="image folder, uint8 tensor file (.pt), prepared shard folder, "
+                                       "or 'quickstart' (MNI152 slices shipped with nilearn)")
+    parser.add_argument("--out", required=True, help="run folder; resumes automatically if it holds a checkpoint")
+    parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def resolve_train_config(args: argparse.Namespace):
+    """Defaults <- the run's saved config (on resume) <- --config files <- --data/--set."""
+    from hpcgan.config import build_config, read_yaml
+
+    saved = Path(args.out) / "config.yaml"
+    base = read_yaml(saved) if saved.exists() else None
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.insert(0, f"data.path={resolve_data(args.data)}")
+    cfg = build_config(base=base, files=args.config, overrides=overrides)
+    if not cfg.data.path:
+        raise ConfigError("no data given: pass --data FOLDER_OR_SHARDS (or set data.path in --config)")
+    return cfg
+
+
+def resolve_data(data: str) -> str:
+    if data != "quickstart":
+        return data
+    from hpcgan.data.quickstart import default_quickstart_dir, quickstart_shards
+
+    return str(quickstart_shards(default_quickstart_dir()))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hpcgan.train import train
+
+    return train(resolve_train_config(args), args.out)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from hpcgan.generator import load_generator
+    from hpcgan.train.samples import write_pngs
+
+    generator = load_generator(args.run, ema=not args.no_ema)
+    gen = torch.Generator().manual_seed(args.seed)
+    written = 0
+    with torch.no_grad():
+        while written < args.n:
+            count = min(args.batch, args.n - written)
+            images = generator(torch.randn(count, generator.nz, generator=gen))
+            write_pngs(images, Path(args.out), start=written)
+            written += count
+    print(f"wrote {written} samples to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcgan", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train (or resume) a GAN in a run folder")
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="write PNG samples from a run's EMA generator")
+    sample.add_argument("--run", required=True, help="run folder or checkpoint folder")
+    sample.add_argument("--n", type=int, default=64)
+    sample.add_argument("--out", required=True)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch", type=int, default=256)
+    sample.add_argument("--no-ema", action="store_true", help="use the raw generator instead of the EMA copy")
+    sample.set_defaults(func=cmd_sample)
+
+    _add_optional(sub, "prepare", "hpcgan.data.prepare", "turn MRI volumes/slices into WebDataset shards")
+    _add_optional(sub, "evaluate", "hpcgan.metrics.evaluate", "compute quality metrics of a trained run")
+    _add_optional(sub, "bench", "hpcgan.bench.run", "measure throughput against the reference DCGAN loop")
+    return parser
+
+
+def _add_optional(sub, name: str, module: str, help_text: str) -> None:
+    """Subcommands whose module exposes add_arguments(parser) and run(args) -> int."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith("hpcgan"):
+            return
+        raise
+    parser = sub.add_parser(name, help=help_text)
+    mod.add_arguments(parser)
+    parser.set_defaults(func=mod.run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hpcgan.data import DataError
+    from hpcgan.train import CheckpointError
+
+    _setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (*USER_ERRORS, DataError, CheckpointError) as err:
+        print(f"hpcgan {args.command}: error: {err}", file=sys.stderr)
+        return 2

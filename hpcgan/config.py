@@ -1,0 +1,252 @@
+"""Typed run configuration: the dataclasses below are the one source of defaults.
+
+A config is built from the defaults, then a YAML file, then `--set key=value` overrides, in that order.
+Unknown keys and values of the wrong type are errors that name the key, so a typo never trains silently
+with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value the user must fix; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dcgan"
+    resolution: int = 64  # 64 * 2**k; each doubling adds one up/down block
+    nz: int = 100
+    ngf: int = 64
+    ndf: int = 64
+    channels: int = 1
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # image folder, uint8 tensor file (.pt), or prepared shard folder (manifest.json)
+    reader: str = "auto"  # auto | memory | webdataset | dali
+    flip: bool = True  # random horizontal flip (left/right hemispheres are near mirror images)
+    device_resident: bool = True  # memory reader: keep the uint8 set on the training device
+    workers: int = 2  # decode workers for streaming readers
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None  # total optimizer steps; when unset, derived from epochs
+    epochs: int = 25
+    batch_size: int = 128  # global, split evenly across ranks
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    ema: bool = True
+    ema_decay: float = 0.999
+    log_every: int = 50  # steps between host syncs for logging
+    sample_every: int = 500  # steps between fixed-noise sample grids
+    sync_every: int = 10  # steps between cross-rank interrupt checks (single process checks every step)
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+    fused_adam: bool = True  # fused/foreach Adam when the device supports it
+    sync_batchnorm: bool = False  # SyncBatchNorm under DDP (GPU); otherwise buffers stay per rank
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps
+    keep: int = 3  # newest checkpoints kept; milestones are extra
+    milestones: list[int] = field(default_factory=list)  # steps kept forever
+
+
+@dataclass
+class TrackConfig:
+    enabled: bool = True
+    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder
+    experiment: str = "hpcgan"
+    run_name: str = ""
+    log_model: bool = True  # final EMA generator as an MLflow model
+    flush_every_s: float = 2.0
+
+
+@dataclass
+class MetricsConfig:
+    every: int = 0  # steps between in-loop metrics; 0 disables
+    names: list[str] = field(default_factory=lambda: ["swd", "msssim"])
+    n: int = 1024  # generated and real images per in-loop evaluation
+    best: str = "swd"  # metric that selects best/ (lower is better)
+    inception_weights: str = ""  # path to pt_inception-2015-12-05 weights or a TorchScript export
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self) -> Config:
+        res = self.model.resolution
+        if res < 64 or res & (res - 1):
+            raise ConfigError(f"model.resolution={res}: must be 64 * 2**k (64, 128, 256, ...)")
+        choices = {
+            "model.arch": (self.model.arch, {"dcgan"}),
+            "data.reader": (self.data.reader, {"auto", "memory", "webdataset", "dali"}),
+            "train.mixed_precision": (self.train.mixed_precision, {"no", "bf16", "fp16"}),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r}: must be one of {sorted(allowed)}")
+        positive = {
+            "model.nz": self.model.nz, "model.ngf": self.model.ngf, "model.ndf": self.model.ndf,
+            "train.batch_size": self.train.batch_size, "train.epochs": self.train.epochs,
+            "train.log_every": self.train.log_every, "train.sample_every": self.train.sample_every,
+            "train.sync_every": self.train.sync_every, "checkpoint.every": self.checkpoint.every,
+            "checkpoint.keep": self.checkpoint.keep,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}={value}: must be >= 1")
+        if self.train.steps is not None and self.train.steps < 0:
+            raise ConfigError(f"train.steps={self.train.steps}: must be >= 0")
+        if not 0.0 <= self.train.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={self.train.ema_decay}: must be in [0, 1)")
+        return self
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """`{"train.lr": 2e-4, ...}`: the form MLflow params and `--set` use."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(f"{name}.", value)
+            else:
+                out[name] = value
+
+    walk("", to_dict(cfg))
+    return out
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the field's type hint; YAML already parsed scalars, so no string guessing."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # PyYAML reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint in (float, str) and not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _apply(node: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(node))
+    for key, value in updates.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f"{prefix}{k}" for k in hints)
+            raise ConfigError(f"unknown config key '{name}' (known here: {known})")
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: expected a section (mapping), got {value!r}")
+            _apply(current, value, f"{name}.")
+        else:
+            setattr(node, key, _coerce(name, value, hints[key]))
+
+
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: '{part}' is a value, not a section")
+        node[leaf] = value
+    return nested
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-4", "model.ngf=8"]` -> nested dict; values parsed as YAML scalars."""
+    dotted: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. train.lr=1e-4")
+        try:
+            dotted[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {pair!r}: value is not valid YAML ({err})") from None
+    return _nest(dotted)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    return data
+
+
+def build_config(base: dict[str, Any] | None = None, files: list[str | Path] = (),
+                 overrides: list[str] = ()) -> Config:
+    """Defaults <- base (e.g. a run's saved config) <- YAML files <- `--set` overrides."""
+    cfg = Config()
+    if base:
+        _apply(cfg, base)
+    for path in files:
+        _apply(cfg, read_yaml(path))
+    _apply(cfg, parse_overrides(list(overrides)))
+    return cfg.validate()
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_config(path: str | Path) -> Config:
+    return build_config(base=read_yaml(path))

@@ -1,0 +1,63 @@
+"""The in-memory reader: the whole uint8 set lives on the training device; no worker processes.
+
+Shuffling, flips and the uint8 -> [-1, 1] conversion run on the device, so the host does nothing per
+step. Order and flips of an epoch come from `epoch_generator(seed, epoch)`: the position
+(epoch, batch) is the whole state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hpcgan.data.source import DataError, epoch_generator, rank_slice
+
+
+class MemorySource:
+    def __init__(self, images: torch.Tensor, *, seed: int, global_batch: int, rank: int = 0,
+                 world: int = 1, device: torch.device | str = "cpu", flip: bool = True,
+                 device_resident: bool = True) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise DataError(f"memory reader expects uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.num_images = images.shape[0]
+        self.batches_per_epoch = self.num_images // global_batch
+        if self.batches_per_epoch == 0:
+            raise DataError(f"the training set has {self.num_images} images, fewer than one batch of "
+                            f"train.batch_size={global_batch}: lower the batch size or add data")
+        self.image_shape = tuple(images.shape[1:])
+        self.device = torch.device(device)
+        self.images = images.to(self.device) if device_resident else images.pin_memory() \
+            if self.device.type == "cuda" else images
+        self.seed, self.global_batch, self.flip = seed, global_batch, flip
+        self.my_slice = rank_slice(global_batch, rank, world)
+        self.epoch, self.batch = 0, 0
+        self._plan()
+
+    def _plan(self) -> None:
+        """This epoch's sample indices and flips for this rank, one row per global batch."""
+        gen = epoch_generator(self.seed, self.epoch)
+        order = torch.randperm(self.num_images, generator=gen)
+        flips = torch.rand(self.num_images, generator=gen) < 0.5 if self.flip else None
+        used = self.batches_per_epoch * self.global_batch
+        rows = order[:used].view(self.batches_per_epoch, self.global_batch)[:, self.my_slice]
+        self._indices = rows.to(self.images.device)
+        self._flips = None if flips is None else flips[rows].to(self.device)
+
+    def next_batch(self) -> torch.Tensor:
+        if self.batch == self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._plan()
+        x = self.images[self._indices[self.batch]].to(self.device, non_blocking=True)
+        x = x.float().div_(127.5).sub_(1.0)
+        if self._flips is not None:
+            x = torch.where(self._flips[self.batch].view(-1, 1, 1, 1), x.flip(-1), x)
+        self.batch += 1
+        return x
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self._plan()

@@ -1,0 +1,43 @@
+"""The one interface between data readers and the training loop.
+
+Every reader (memory, webdataset, dali) yields one rank's share of each global batch as float
+(B, C, H, W) in [-1, 1] on the training device, and can snapshot and restore its position so that a
+resumed run sees exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file and what to do."""
+
+
+class BatchSource(Protocol):
+    num_images: int  # images in one epoch of the training set
+    batches_per_epoch: int  # global batches per epoch (the last partial batch is dropped)
+    image_shape: tuple[int, int, int]  # (C, H, W)
+
+    def next_batch(self) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position in the data order."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The RNG that decides one epoch's order and flips; derived, never saved, so resume is exact."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def rank_slice(global_batch: int, rank: int, world: int) -> slice:
+    if global_batch % world:
+        raise DataError(f"train.batch_size={global_batch} is not divisible by the world size {world}: "
+                        "pick a multiple of the number of processes")
+    per_rank = global_batch // world
+    return slice(rank * per_rank, (rank + 1) * per_rank)

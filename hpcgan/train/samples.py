@@ -1,0 +1,43 @@
+"""Turning generator output into PNGs: sample grids for tracking, single slices for `hpcgan sample`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W) or (N, H, W, C) uint8."""
+    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arr = arr.permute(0, 2, 3, 1).numpy()
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
+def save_grid(images: torch.Tensor, path: Path, pad: int = 2) -> Path:
+    tiles = to_uint8(images)
+    n, h, w = tiles.shape[:3]
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad) + tiles.shape[3:], dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = tile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(grid).save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def write_pngs(images: torch.Tensor, out_dir: Path, start: int = 0) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, tile in enumerate(to_uint8(images), start):
+        path = out_dir / f"sample-{i:06d}.png"
+        Image.fromarray(tile).save(path)
+        paths.append(path)
+    return paths

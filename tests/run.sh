@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install everything into .venv/ and run the whole test suite (slow and SLURM tests included).
+# Used as-is by CI (.ci/run) and by the README's test command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch is pinned to the CPU build that lies on this machine's disk; clusters bring their own CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[test,dali]"
+if [ -x slurm/local/start.sh ]; then
+  bash slurm/local/start.sh
+fi
+exec .venv/bin/python -m pytest "$@"
