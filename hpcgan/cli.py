@@ -13,7 +13,7 @@ from hpcgan.config import ConfigError
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from hpcgan.data import DataError
     from hpcgan.train import CheckpointError
 
-    _setup_logging()
+    setup_logging()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

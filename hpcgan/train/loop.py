@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,8 @@ class Trainer:
         # broadcast_buffers=False: D runs on the real and the fake batch before one backward; buffer
         # broadcasts at the second forward would modify BatchNorm stats that autograd saved. Each rank
         # keeps its own running stats (unused by D in train mode); rank 0's go into checkpoints.
+        # Newer torch renames the flag (forward_sync_buffers) but keeps this one's exact meaning.
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
         # Accelerate keeps mixed precision in a process-wide singleton; each Trainer sets its own
         # (the distributed state is kept), so fp32 and bf16 trainers can live in one process.
         AcceleratorState._reset_state(reset_partial_state=False)
