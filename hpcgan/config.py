@@ -217,8 +217,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return _nest(dotted)
 
 
+PRESETS = Path(__file__).parent / "configs"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file, or a preset shipped with the package by name (`--config quickstart`)."""
     path = Path(path)
+    if not path.exists() and (PRESETS / f"{path}.yaml").exists():
+        path = PRESETS / f"{path}.yaml"
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:

@@ -109,7 +109,7 @@ def test_bf16_autocast_trains_on_cpu(image_folder, tmp_path):
     fp32 = make_trainer(image_folder, tmp_path / "fp32", "train.steps=3", "train.ema=false")
     bf16 = make_trainer(image_folder, tmp_path / "bf16", "train.steps=3", "train.ema=false",
                         "train.mixed_precision=bf16")
-    start = {k: v.clone() for k, v in bf16.acc.unwrap_model(bf16.G).state_dict().items()}
+    start = {k: v.clone() for k, v in bf16.generator.state_dict().items()}
     assert fp32.fit() == 0 and bf16.fit() == 0
     w32, w16 = final_weights(tmp_path / "fp32"), final_weights(tmp_path / "bf16")
     assert all(torch.isfinite(v.float()).all() for v in w16.values())

@@ -144,7 +144,7 @@ def plan_runs(opts: argparse.Namespace, train_argv: list[str]) -> Plan:
             raise LaunchError(f"data path {cfg.data.path} does not exist: pass --data with a real folder")
         experiment = cfg.track.experiment
         argv = ["--out", str(out), *(["--data", args.data] if args.data else []),
-                *(x for c in args.config for x in ("--config", str(Path(c).resolve()))),
+                *(x for c in args.config for x in ("--config", str(Path(c).resolve()) if Path(c).exists() else c)),
                 *(x for o in point_args.overrides for x in ("--set", o))]
         if not cfg.track.uri:
             argv += ["--set", f"track.uri={track_uri}"]

@@ -135,9 +135,13 @@ class Trainer:
         opt_d = torch.optim.Adam(discriminator.parameters(), **opt_kwargs)
         if tcfg.channels_last:
             generator, discriminator = (m.to(memory_format=torch.channels_last) for m in (generator, discriminator))
+        # The plain modules: what checkpoints, EMA and samples use, whatever wraps them for training.
+        self.generator, self.discriminator = generator, discriminator
         self.G, self.D, self.opt_g, self.opt_d = self.acc.prepare(generator, discriminator, opt_g, opt_d)
         if self.ema:
             self.ema.module.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         if tcfg.compile:
             self.G = torch.compile(self.G, mode=tcfg.compile_mode)
             self.D = torch.compile(self.D, mode=tcfg.compile_mode)
@@ -164,8 +168,8 @@ class Trainer:
         weights = load_torch(folder / "model.pt")
         optim = load_torch(folder / "optim.pt")
         try:
-            self.acc.unwrap_model(self.G).load_state_dict(weights["G"])
-            self.acc.unwrap_model(self.D).load_state_dict(weights["D"])
+            self.generator.load_state_dict(weights["G"])
+            self.discriminator.load_state_dict(weights["D"])
             if self.ema:
                 self.ema.module.load_state_dict(weights.get("G_ema", weights["G"]))
             self.opt_g.load_state_dict(optim["G"])
@@ -242,8 +246,8 @@ class Trainer:
         shared = {}
         if self.is_main:
             shared = {
-                "model.pt": {"G": self.acc.unwrap_model(self.G).state_dict(),
-                             "D": self.acc.unwrap_model(self.D).state_dict(),
+                "model.pt": {"G": self.generator.state_dict(),
+                             "D": self.discriminator.state_dict(),
                              "G_ema": self.ema.module.state_dict() if self.ema else None},
                 "optim.pt": {"G": self.opt_g.state_dict(), "D": self.opt_d.state_dict(),
                              "scaler": self.acc.scaler.state_dict() if self.acc.scaler else None},
@@ -256,7 +260,7 @@ class Trainer:
         return path
 
     def _sample_generator(self) -> torch.nn.Module:
-        return self.ema.module if self.ema else self.acc.unwrap_model(self.G)
+        return self.ema.module if self.ema else self.generator
 
     def _write_samples(self) -> None:
         if not self.is_main:
