@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +71,39 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def sinfo_unreachable() -> str | None:
+    """None if a controller answers sinfo, else why not."""
+    if shutil.which("sinfo") is None:
+        return "sinfo not installed; start the local cluster: slurm/local/start.sh"
+    # sinfo retries for ~9 s when nothing listens: probe the controller's port first.
+    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+    text = conf.read_text(errors="replace") if conf.is_file() else ""
+    host = re.search(r"^\s*SlurmctldHost=([^\s(#]+)(?:\(([^)\s]+)\))?", text, re.M | re.I)
+    port = re.search(r"^\s*SlurmctldPort=(\d+)", text, re.M | re.I)
+    if host:
+        addr = (host.group(2) or host.group(1), int(port.group(1)) if port else 6817)
+        try:
+            socket.create_connection(addr, timeout=2).close()
+        except OSError as e:
+            return f"no slurmctld at {addr[0]}:{addr[1]} ({e}); start it: slurm/local/start.sh"
+    try:
+        proc = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, timeout=15)
+    except (subprocess.SubprocessError, OSError) as e:
+        return f"sinfo failed ({e}); start the local cluster: slurm/local/start.sh"
+    if proc.returncode != 0:
+        return f"no SLURM controller answers sinfo ({proc.stderr.strip()}); start it: slurm/local/start.sh"
+    return None
+
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """The local SLURM (slurm/local/start.sh). Skipped where it is not running, except in CI, where
+    tests/run.sh starts it and a missing cluster is a failure, not a silent skip."""
+    why = sinfo_unreachable()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)

@@ -6,10 +6,6 @@ Skipped when no SLURM controller answers `sinfo`.
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,37 +19,9 @@ def _run(*cmd: str, timeout: float = 20) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout).stdout.strip()
 
 
-def _sinfo_unreachable() -> str | None:
-    """None if a controller answers sinfo, else why not."""
-    if shutil.which("sinfo") is None:
-        return "sinfo not installed; start the local cluster: slurm/local/start.sh"
-    # sinfo retries for ~9 s when nothing listens: probe the controller's port first.
-    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
-    text = conf.read_text(errors="replace") if conf.is_file() else ""
-    host = re.search(r"^\s*SlurmctldHost=([^\s(#]+)(?:\(([^)\s]+)\))?", text, re.M | re.I)
-    port = re.search(r"^\s*SlurmctldPort=(\d+)", text, re.M | re.I)
-    if host:
-        addr = (host.group(2) or host.group(1), int(port.group(1)) if port else 6817)
-        try:
-            socket.create_connection(addr, timeout=2).close()
-        except OSError as e:
-            return f"no slurmctld at {addr[0]}:{addr[1]} ({e}); start it: slurm/local/start.sh"
-    try:
-        proc = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, timeout=15)
-    except (subprocess.SubprocessError, OSError) as e:
-        return f"sinfo failed ({e}); start the local cluster: slurm/local/start.sh"
-    if proc.returncode != 0:
-        return f"no SLURM controller answers sinfo ({proc.stderr.strip()}); start it: slurm/local/start.sh"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _cluster():
-    # A fixture, not an import-time check: `-m "not slurm"` runs never call sinfo, and
-    # skipped tests keep pytest's exit code 0 (a module-level skip would give 5).
-    why = _sinfo_unreachable()
-    if why is not None:
-        pytest.skip(why)
+def _cluster(slurm_cluster):
+    """Every test here needs the cluster (see conftest.slurm_cluster)."""
 
 
 def _wait(pred, timeout: float, what: str, step: float = 0.5):

@@ -14,6 +14,28 @@ import torch
 from hpcgan.data.source import DataError, epoch_generator, rank_slice
 
 
+def epoch_plan(seed: int, epoch: int, num_images: int, global_batch: int, my_slice: slice,
+               flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This epoch's sample indices and flips for one rank, one row per global batch.
+
+    Shared with the webdataset reader, so that both serve the same images in the same order.
+    """
+    gen = epoch_generator(seed, epoch)
+    order = torch.randperm(num_images, generator=gen)
+    flips = torch.rand(num_images, generator=gen) < 0.5 if flip else None
+    batches = num_images // global_batch
+    rows = order[:batches * global_batch].view(batches, global_batch)[:, my_slice]
+    return rows, None if flips is None else flips[rows]
+
+
+def to_unit_range(x: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float in [-1, 1], mirrored left-right where `flips` is set."""
+    x = x.float().div_(127.5).sub_(1.0)
+    if flips is not None:
+        x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
+    return x
+
+
 class MemorySource:
     def __init__(self, images: torch.Tensor, *, seed: int, global_batch: int, rank: int = 0,
                  world: int = 1, device: torch.device | str = "cpu", flip: bool = True,
@@ -35,23 +57,17 @@ class MemorySource:
         self._plan()
 
     def _plan(self) -> None:
-        """This epoch's sample indices and flips for this rank, one row per global batch."""
-        gen = epoch_generator(self.seed, self.epoch)
-        order = torch.randperm(self.num_images, generator=gen)
-        flips = torch.rand(self.num_images, generator=gen) < 0.5 if self.flip else None
-        used = self.batches_per_epoch * self.global_batch
-        rows = order[:used].view(self.batches_per_epoch, self.global_batch)[:, self.my_slice]
-        self._indices = rows.to(self.images.device)
-        self._flips = None if flips is None else flips[rows].to(self.device)
+        self._indices, self._flips = epoch_plan(self.seed, self.epoch, self.num_images, self.global_batch,
+                                                self.my_slice, self.flip)
+        self._indices = self._indices.to(self.images.device)
+        self._flips = None if self._flips is None else self._flips.to(self.device)
 
     def next_batch(self) -> torch.Tensor:
         if self.batch == self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
             self._plan()
         x = self.images[self._indices[self.batch]].to(self.device, non_blocking=True)
-        x = x.float().div_(127.5).sub_(1.0)
-        if self._flips is not None:
-            x = torch.where(self._flips[self.batch].view(-1, 1, 1, 1), x.flip(-1), x)
+        x = to_unit_range(x, None if self._flips is None else self._flips[self.batch])
         self.batch += 1
         return x
 

@@ -1,0 +1,480 @@
+"""`hpcgan prepare SRC... --out SHARD_DIR`: MRI sources -> split, shuffled WebDataset shards.
+
+The work is resumable, in three phases under SHARD_DIR/.prepare/<fingerprint>/ (the fingerprint covers
+the input contents and every setting):
+1. process: each unit (one volume, or a batch of 2D images) is decoded and preprocessed in a worker
+   process; its PNGs go to units/<n>.bin and its records to units/<n>.json, written last. Done units
+   are skipped on resume.
+2. write: each split's samples are put in a seeded order and cut into shards, each written to a .part
+   file, renamed, and recorded in shards.json. Recorded shards are skipped on resume.
+3. manifest.json is written last; a re-run whose fingerprint matches it is a no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from hpcgan.data import dicom, inputs, shards
+from hpcgan.data.inputs import Problem, Volume
+from hpcgan.data.preprocess import AXES, CROPS, Settings, Slice, image_slices, volume_slices
+from hpcgan.data.source import DataError
+from hpcgan.data.split import assign_splits
+
+_IMAGES_PER_UNIT = 256  # 2D images are processed in batches, so resume state stays a few files
+_WORK = ".prepare"
+
+
+@dataclass
+class Options:
+    """Everything `prepare` needs besides the pixel settings."""
+
+    val_frac: float = 0.1
+    seed: int = 0
+    shard_size: int = 1000
+    subject_regex: str | None = None
+    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    strict: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Report:
+    exit_code: int
+    up_to_date: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Task:
+    number: int
+    volumes: tuple[Volume, ...]
+    splits: tuple[str, ...]  # per volume
+    subjects: tuple[str, ...]  # per volume: the subject id written to samples
+    settings: Settings
+    unit_dir: Path
+
+
+# ---------------------------------------------------------------------------------------------- phase 1
+
+def _slices(volume: Volume, settings: Settings) -> tuple[list[tuple[str, Slice]], int, list[Problem], str]:
+    """(volume id, slice) pairs of one input, skipped-slice count, dropped files, modality."""
+    if volume.kind == "image":
+        kept, skipped = image_slices(inputs.read_image(volume.files[0]), settings)
+        return [(volume.volume_id, s) for s in kept], skipped, [], ""
+    if volume.kind == "nifti":
+        data, zooms = inputs.read_nifti(volume.files[0])
+        frames = [(volume.volume_id, data)] if data.ndim == 3 else \
+            [(f"{volume.volume_id}-t{t:03d}", data[..., t]) for t in range(data.shape[3])]
+        out: list[tuple[str, Slice]] = []
+        skipped = 0
+        for volume_id, frame in frames:
+            kept, n = volume_slices(frame, zooms, settings)
+            out += [(volume_id, s) for s in kept]
+            skipped += n
+        return out, skipped, [], ""
+    series = dicom.load_series(list(volume.files))
+    dropped = [Problem(str(path), reason) for path, reason in series.dropped]
+    kept, skipped = volume_slices(series.data, series.zooms, settings)
+    return [(volume.volume_id, s) for s in kept], skipped, dropped, series.modality
+
+
+def _process_unit(task: _Task) -> int:
+    """Preprocess one unit into units/<n>.bin + units/<n>.json (the json last: it marks the unit done)."""
+    samples: list[dict[str, Any]] = []
+    problems: list[Problem] = []
+    sources: list[dict[str, Any]] = []
+    skipped = duplicates = 0
+    blob = bytearray()
+    for volume, split, subject in zip(task.volumes, task.splits, task.subjects, strict=True):
+        try:
+            kept, n_skipped, dropped, modality = _slices(volume, task.settings)
+        except DataError as err:
+            problems.append(Problem(volume.display, str(err)))
+            continue
+        except Exception as err:  # noqa: BLE001 - one odd file must not stop the run
+            detail = "" if volume.kind == "dicom" else f": {err}"  # DICOM messages may quote headers
+            problems.append(Problem(volume.display, f"unexpected {type(err).__name__}{detail}"))
+            continue
+        problems += dropped
+        skipped += n_skipped
+        seen: set[tuple[str, bytes]] = set()  # a symmetric template's sagittal slices come in equal pairs
+        unique = []
+        for volume_id, piece in kept:
+            digest = (volume_id, hashlib.sha256(next(iter(piece.pngs.values()))).digest())
+            if digest not in seen:
+                seen.add(digest)
+                unique.append((volume_id, piece))
+        duplicates += len(kept) - len(unique)
+        kept = unique
+        source = {"kind": volume.kind, "volume": volume.volume_id, "sha256": volume.sha256, "split": split,
+                  "slices": len(kept)}
+        if volume.kind == "dicom":
+            source |= {"files": len(volume.files), "modality": modality}
+        else:
+            source["path"] = volume.display
+        sources.append(source)
+        for volume_id, piece in kept:
+            meta = {"source_sha256": volume.sha256, "volume": volume_id, "subject": subject,
+                    "kind": volume.kind, "axis": piece.axis, "slice": piece.index, "label": volume.label}
+            if modality:
+                meta["modality"] = modality
+            pngs = {}
+            for size, png in piece.pngs.items():
+                pngs[str(size)] = [len(blob), len(png)]
+                blob += png
+            samples.append({"key": f"{volume_id}-{piece.axis}-{piece.index:04d}", "split": split,
+                            "meta": meta, "pngs": pngs})
+    stem = task.unit_dir / f"u{task.number:06d}"
+    stem.with_suffix(".bin").write_bytes(bytes(blob))
+    record = {"samples": samples, "skipped": skipped, "duplicates": duplicates, "sources": sources,
+              "problems": [[p.source, p.reason] for p in problems]}
+    tmp = stem.with_suffix(".json.part")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, stem.with_suffix(".json"))
+    return task.number
+
+
+def _run_units(tasks: list[_Task], workers: int, progress: bool) -> None:
+    todo = [t for t in tasks if not (t.unit_dir / f"u{t.number:06d}.json").is_file()]
+    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="preprocess", unit="unit",
+               disable=None if progress else True, file=sys.stderr)
+    with bar:
+        if workers <= 1 or len(todo) <= 1:
+            for task in todo:
+                _process_unit(task)
+                bar.update()
+            return
+        # forkserver with this module preloaded: workers start fast and never inherit threads
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
+            for future in as_completed([pool.submit(_process_unit, t) for t in todo]):
+                future.result()
+                bar.update()
+
+
+# ---------------------------------------------------------------------------------------------- phase 2
+
+class _UnitReader:
+    """Random access to the PNG bytes stored by phase 1, one open file per unit."""
+
+    def __init__(self, unit_dir: Path) -> None:
+        self.unit_dir = unit_dir
+        self.files: dict[int, Any] = {}
+
+    def read(self, unit: int, offset: int, length: int) -> bytes:
+        if unit not in self.files:
+            self.files[unit] = open(self.unit_dir / f"u{unit:06d}.bin", "rb")
+        f = self.files[unit]
+        f.seek(offset)
+        return f.read(length)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def _write_shards(samples: list[tuple[int, dict[str, Any]]], out: Path, work: Path, sizes: tuple[int, ...],
+                  options: Options) -> list[dict[str, Any]]:
+    progress_file = work / "shards.json"
+    done = {r["name"]: r for r in json.loads(progress_file.read_text())} if progress_file.is_file() else {}
+    plan: list[tuple[str, list[tuple[int, dict[str, Any]]]]] = []
+    for number, split in enumerate(shards.SPLITS):
+        members = sorted((s for s in samples if s[1]["split"] == split), key=lambda s: s[1]["key"])
+        order = np.random.default_rng([options.seed, number]).permutation(len(members))
+        members = [members[i] for i in order]
+        for start in range(0, len(members), options.shard_size):
+            plan.append((split, members[start:start + options.shard_size]))
+    records: list[dict[str, Any]] = []
+    reader = _UnitReader(work / "units")
+    bar = tqdm(plan, desc="write shards", unit="shard", disable=None if options.progress else True,
+               file=sys.stderr)
+    numbers = Counter[str]()
+    try:
+        for split, members in bar:
+            name = shards.shard_name(split, numbers[split])
+            numbers[split] += 1
+            tar = out / name
+            record = done.get(name)
+            if record and tar.is_file() and tar.stat().st_size == record["bytes"] \
+                    and shards.index_path(tar).is_file():
+                records.append(record)
+                continue
+            writer = shards.ShardWriter(tar)
+            for unit, sample in members:
+                parts = {shards.png_key(size): reader.read(unit, *sample["pngs"][str(size)]) for size in sizes}
+                parts["json"] = json.dumps(sample["meta"], sort_keys=True).encode()
+                writer.add(sample["key"], parts)
+            record = writer.close() | {"split": split}
+            records.append(record)
+            done[name] = record
+            tmp = progress_file.with_suffix(".part")
+            tmp.write_text(json.dumps(list(done.values())))
+            os.replace(tmp, progress_file)
+    finally:
+        reader.close()
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+def _fingerprint(volumes: list[Volume], settings: Settings, options: Options) -> str:
+    spec = {
+        "format": shards.FORMAT, "settings": settings.to_json(), "val_frac": options.val_frac,
+        "seed": options.seed, "shard_size": options.shard_size, "subject_regex": options.subject_regex,
+        "volumes": [[v.kind, v.sha256, v.label, hashlib.sha256(v.subject_key.encode()).hexdigest()]
+                    for v in volumes],
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _up_to_date(out: Path, fingerprint: str) -> bool:
+    try:
+        manifest = shards.read_manifest(out)
+    except DataError:
+        return False
+    if manifest.get("fingerprint") != fingerprint:
+        return False
+    return all((out / r["name"]).is_file() and (out / r["name"]).stat().st_size == r["bytes"]
+               and (out / r["index"]).is_file() for r in manifest["shards"])
+
+
+def _shard_files(out: Path) -> list[Path]:
+    return [p for split in shards.SPLITS for p in out.glob(f"{split}-*") if p.is_file()]
+
+
+def _subject_ids(volumes: list[Volume]) -> dict[str, str]:
+    """Subject key -> an id derived from its volumes' content hashes (never from a name or patient ID)."""
+    members: dict[str, list[str]] = {}
+    for v in volumes:
+        members.setdefault(v.subject_key, []).append(v.volume_id)
+    return {key: "subj-" + hashlib.sha256(" ".join(sorted(ids)).encode()).hexdigest()[:12]
+            for key, ids in members.items()}
+
+
+def _tasks(volumes: list[Volume], splits: dict[str, str], subject_ids: dict[str, str], settings: Settings,
+           unit_dir: Path) -> list[_Task]:
+    groups: list[list[Volume]] = []
+    images = [v for v in volumes if v.kind == "image"]
+    groups += [images[i:i + _IMAGES_PER_UNIT] for i in range(0, len(images), _IMAGES_PER_UNIT)]
+    groups += [[v] for v in volumes if v.kind != "image"]
+    return [_Task(n, tuple(g), tuple(splits[v.subject_key] for v in g),
+                  tuple(subject_ids[v.subject_key] for v in g), settings, unit_dir)
+            for n, g in enumerate(groups)]
+
+
+def prepare(sources: list[Path], out: Path, settings: Settings, options: Options,
+            echo: Callable[[str], None] = print) -> Report:
+    """Build (or resume, or confirm) the shard folder `out` from `sources`.
+
+    Runs under an exclusive lock on `out`, so ranks that all ask for the same shards (e.g. the
+    quickstart) wait for the first to write them and then find them up to date.
+    """
+    out = Path(out)
+    (out / _WORK).mkdir(parents=True, exist_ok=True)
+    with open(out / _WORK / "lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: run unguarded, as one process usually does
+            pass
+        return _prepare(sources, out, settings, options, echo)
+
+
+def _prepare(sources: list[Path], out: Path, settings: Settings, options: Options,
+             echo: Callable[[str], None]) -> Report:
+    work_root = out / _WORK
+    regex = re.compile(options.subject_regex) if options.subject_regex else None
+    hashes = inputs.HashCache(work_root / "hashes.json")
+    found = inputs.discover([Path(s) for s in sources], subject_regex=regex, exclude=out,
+                            workers=options.workers, hashes=hashes, echo=echo)
+    problems = list(found.problems)
+    volumes = found.volumes
+    kinds = Counter(v.kind for v in volumes)
+    echo(f"found {len(volumes)} inputs ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items())) or 'none'})"
+         + (f", {found.duplicates} duplicate files skipped" if found.duplicates else "")
+         + (f", {found.ignored} other files ignored" if found.ignored else ""))
+    if not volumes:
+        _report_problems(problems, echo)
+        echo("error: nothing usable found; nothing written")
+        return Report(1, problems=problems)
+    hashes.save()
+
+    fingerprint = _fingerprint(volumes, settings, options)
+    if _up_to_date(out, fingerprint):
+        _report_problems(problems, echo)
+        bad = shards.read_manifest(out)["bad_inputs"]
+        echo(f"{out}: up to date (same inputs and settings); nothing to do"
+             + (f" ({bad} bad inputs were skipped when it was built)" if bad else ""))
+        return Report(0, up_to_date=True, problems=problems)
+
+    work = work_root / fingerprint[:16]
+    if not work.is_dir():  # a fresh build: what is there belongs to other inputs or settings
+        (out / shards.MANIFEST).unlink(missing_ok=True)
+        for path in _shard_files(out):
+            path.unlink()
+    else:
+        echo(f"resuming the interrupted run in {work}")
+    for stale in work_root.iterdir() if work_root.is_dir() else []:
+        if stale.is_dir() and stale != work:
+            shutil.rmtree(stale)
+    (work / "units").mkdir(parents=True, exist_ok=True)
+
+    splits_by_subject = assign_splits({v.subject_key for v in volumes}, options.val_frac, options.seed)
+    no_subject = [v for v in volumes if v.kind == "image" and not v.has_subject]
+    if no_subject:
+        echo(f"note: {len(no_subject)} of {kinds['image']} 2D images have no subject (no DICOM/NIfTI "
+             "source, BIDS sub-XX folder or --subject-regex match): their split is per file, so slices "
+             "of one brain may fall in both train and val")
+    tasks = _tasks(volumes, splits_by_subject, _subject_ids(volumes), settings, work / "units")
+    _run_units(tasks, options.workers, options.progress)
+
+    samples: list[tuple[int, dict[str, Any]]] = []
+    sources_list: list[dict[str, Any]] = []
+    skipped = duplicates = 0
+    for task in tasks:
+        record = json.loads((task.unit_dir / f"u{task.number:06d}.json").read_text())
+        samples += [(task.number, s) for s in record["samples"]]
+        sources_list += record["sources"]
+        skipped += record["skipped"]
+        duplicates += record["duplicates"]
+        problems += [Problem(*p) for p in record["problems"]]
+    _report_problems(problems, echo)
+    counts = Counter(s["split"] for _, s in samples)
+    if options.strict and problems:
+        echo(f"error: {len(problems)} bad inputs and --strict given; no shards written")
+        return Report(1, counts=dict(counts), problems=problems)
+    if not counts["train"]:
+        echo("error: no usable training slices (all inputs failed or held too little foreground)")
+        return Report(1, counts=dict(counts), problems=problems)
+
+    records = _write_shards(samples, out, work, settings.sizes, options)
+    keep = {r["name"] for r in records} | {r["index"] for r in records}
+    for path in _shard_files(out):
+        if path.name not in keep:
+            path.unlink()
+    used = {split: {v["volume"] for v in sources_list if v["split"] == split} for split in shards.SPLITS}
+    manifest = {
+        "format": shards.FORMAT,
+        "fingerprint": fingerprint,
+        "sizes": list(settings.sizes),
+        "bit_depth": settings.bit_depth,
+        "channels": 1,
+        "settings": settings.to_json(),
+        "split": {"val_frac": options.val_frac, "seed": options.seed, "subject_regex": options.subject_regex,
+                  "unit": "file" if no_subject else "subject"},
+        "counts": {split: counts[split] for split in shards.SPLITS},
+        "volumes": {split: len(used[split]) for split in shards.SPLITS},
+        "subjects": {split: len({s["meta"]["subject"] for _, s in samples if s["split"] == split})
+                     for split in shards.SPLITS},
+        "skipped_slices": skipped,
+        "duplicate_slices": duplicates,
+        "bad_inputs": len(problems),
+        "shards": records,
+        "roots": [str(s) for s in sources],
+        "sources": sources_list,
+    }
+    shards.write_manifest(out, manifest)
+    shutil.rmtree(work)
+    echo(f"wrote {out}: train {counts['train']} images ({manifest['subjects']['train']} subjects), "
+         f"val {counts['val']} images ({manifest['subjects']['val']} subjects) in {len(records)} shards; "
+         f"{skipped} slices skipped (too little foreground), {duplicates} identical slices of one volume "
+         f"stored once; {len(problems)} bad inputs")
+    return Report(0, counts=dict(counts), problems=problems)
+
+
+def _report_problems(problems: list[Problem], echo: Callable[[str], None]) -> None:
+    for p in problems:
+        echo(f"bad input: {p.source}: {p.reason}")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas, e.g. 64,128") from None
+
+
+def _axes(text: str) -> tuple[str, ...]:
+    axes = tuple(a.strip() for a in text.split(","))
+    if not axes or any(a not in AXES for a in axes):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(AXES)}")
+    return axes
+
+
+def _percentiles(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LOW,HIGH percentiles, e.g. 0.5,99.5") from None
+    return lo, hi
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `hpcgan prepare` options (registered by hpcgan/cli.py)."""
+    d = Settings()
+    o = Options()
+    parser.add_argument("sources", nargs="+", type=Path, metavar="SRC",
+                        help="folders or files: PNG/JPG/TIFF images, NIfTI volumes, DICOM series (mixed ok)")
+    parser.add_argument("--out", required=True, type=Path, metavar="SHARD_DIR", help="shard folder to write")
+    parser.add_argument("--size", type=_ints, default=d.sizes, metavar="N[,N...]",
+                        help="target size(s) in pixels; each sample holds one PNG per size (default 64)")
+    parser.add_argument("--axes", type=_axes, default=d.axes, metavar="A[,A...]",
+                        help="slice volumes along these axes (default axial,coronal,sagittal)")
+    parser.add_argument("--val-frac", type=float, default=o.val_frac,
+                        help="fraction of subjects held out for validation (default 0.1)")
+    parser.add_argument("--shard-size", type=int, default=o.shard_size, help="samples per shard (default 1000)")
+    parser.add_argument("--workers", type=int, default=o.workers,
+                        help="preprocessing processes (default: the CPU count, at most 8)")
+    parser.add_argument("--seed", type=int, default=o.seed, help="seed of the split and the shuffle")
+    parser.add_argument("--subject-regex", default=None, metavar="REGEX",
+                        help="subject from the file name of 2D images or volumes (group 1, else the match), "
+                             r"e.g. '^(\d+)_' for 12_3.png")
+    parser.add_argument("--clip", type=_percentiles, default=d.clip, metavar="LOW,HIGH",
+                        help="intensity percentiles of each volume's foreground mapped to black/white "
+                             "(default 0.5,99.5)")
+    parser.add_argument("--foreground-threshold", type=float, default=d.foreground_threshold,
+                        help="normalised intensity above which a pixel is brain (default 0.05)")
+    parser.add_argument("--min-foreground", type=float, default=d.min_foreground,
+                        help="skip slices whose square crop is less brain than this (default 0.1)")
+    parser.add_argument("--crop", choices=CROPS, default=d.crop,
+                        help="crop to the brain's bounding box over the whole volume (keeps scale within "
+                             "a volume), per slice, or not at all (default volume)")
+    parser.add_argument("--bit-depth", type=int, choices=(8, 16), default=d.bit_depth, help="PNG bit depth")
+    parser.add_argument("--strict", action="store_true", help="fail (exit 1, no shards) on any bad input")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings(sizes=args.size, axes=args.axes, clip=args.clip,
+                            foreground_threshold=args.foreground_threshold, min_foreground=args.min_foreground,
+                            crop=args.crop, bit_depth=args.bit_depth)
+        if args.shard_size < 1 or args.workers < 1 or not 0.0 <= args.val_frac < 1.0:
+            raise ValueError("--shard-size and --workers must be >= 1 and --val-frac in [0, 1)")
+        if args.subject_regex:
+            re.compile(args.subject_regex)
+    except (ValueError, re.error) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    options = Options(val_frac=args.val_frac, seed=args.seed, shard_size=args.shard_size,
+                      subject_regex=args.subject_regex, workers=args.workers, strict=args.strict)
+    return prepare(args.sources, args.out, settings, options).exit_code

@@ -1,0 +1,54 @@
+"""The quickstart data set: real brain MRI that ships inside nilearn, so nothing is downloaded.
+
+nilearn bundles the ICBM 2009a nonlinear symmetric MNI152 template (T1, 1 mm, 197x233x189) and its
+grey- and white-matter probability maps. Sliced along all three axes they give about 1,070 distinct slices;
+each map is one volume, so the split by volume holds one of the three out for validation. See
+docs/data.md for origin and licence.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from hpcgan.data.prepare import Options, prepare
+from hpcgan.data.preprocess import Settings
+from hpcgan.data.source import DataError
+
+NOTICE = ("ICBM 2009a nonlinear symmetric MNI152 template, as bundled with nilearn. Copyright (C) 1993-2009 "
+          "Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University. "
+          "Permission to use, copy, modify, and distribute this software and its documentation for any purpose "
+          "and without fee is hereby granted, provided that the above copyright notice appear in all copies.")
+
+
+def template_files() -> list[Path]:
+    """The T1 template and its grey/white matter maps inside the installed nilearn package."""
+    spec = importlib.util.find_spec("nilearn")  # locate without importing: nilearn.datasets imports sklearn
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("nilearn is not installed; the quickstart data ships inside it: pip install nilearn")
+    folder = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    files = [folder / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz" for kind in ("t1", "gm", "wm")]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: not found; the quickstart needs nilearn>=0.10 (pip install nilearn)")
+    return files
+
+
+def default_quickstart_dir(size: int = 64) -> Path:
+    """Where `--data quickstart` keeps its shards: $HPCGAN_CACHE, else $XDG_CACHE_HOME/hpcgan, else
+    ~/.cache/hpcgan; one folder per size."""
+    root = os.environ.get("HPCGAN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpcgan"
+    return Path(root) / f"quickstart-{size}"
+
+
+def quickstart_shards(out_dir: Path, size: int = 64) -> Path:
+    """Prepare the quickstart shards in `out_dir` (a fast no-op when they are already there); return it."""
+    out_dir = Path(out_dir)
+    report = prepare(template_files(), out_dir, Settings(sizes=(size,)),
+                     Options(workers=1, progress=False), echo=lambda _: None)
+    if report.exit_code:
+        raise DataError(f"{out_dir}: preparing the quickstart shards failed "
+                        f"({'; '.join(p.reason for p in report.problems) or 'see hpcgan prepare'})")
+    (out_dir / "NOTICE").write_text(NOTICE + "\n")
+    return out_dir

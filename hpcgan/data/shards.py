@@ -1,0 +1,231 @@
+"""The on-disk shard layout: WebDataset tars, their DALI index files, and manifest.json.
+
+A shard folder holds `train-000000.tar`, `val-000000.tar`, ... each with an index file beside it
+(`train-000000.idx`, DALI's wds2idx v1.2 format), and `manifest.json`. A sample is one tar member per
+resolution, `<key>.<size>.png`, plus `<key>.json`. Readers validate shards against the manifest and
+the index before reading, so a damaged shard fails in one line that names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from hpcgan.data.source import DataError
+
+MANIFEST = "manifest.json"
+FORMAT = "hpcgan-shards/1"
+INDEX_VERSION = "v1.2"
+SPLITS = ("train", "val")
+
+
+def png_key(size: int) -> str:
+    """The member extension of a sample's image at `size`: `64.png`."""
+    return f"{size}.png"
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def index_path(tar: Path) -> Path:
+    return tar.with_suffix(".idx")
+
+
+def is_shard_dir(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+class ShardWriter:
+    """Write one tar shard and its index; reproducible bytes (fixed mtime/owner), atomic rename on close."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._tmp = path.with_name(path.name + ".part")
+        self._file = open(self._tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._index: list[str] = []
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        entries = []
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode, info.mtime = len(data), 0o444, 0
+            offset = self._tar.offset + tarfile.BLOCKSIZE  # data follows the 512-byte header
+            self._tar.addfile(info, io.BytesIO(data))
+            entries.append(f"{ext} {offset} {len(data)} {info.name}")
+        self._index.append(" ".join(entries))
+
+    def close(self) -> dict[str, Any]:
+        """Finish the shard; return its manifest record."""
+        self._tar.close()
+        self._file.close()
+        index = self.path.with_suffix(".idx")
+        index_tmp = index.with_name(index.name + ".part")
+        index_tmp.write_text(f"{INDEX_VERSION} {len(self._index)}\n" + "".join(f"{line}\n" for line in self._index))
+        digest = hashlib.sha256()
+        with open(self._tmp, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        os.replace(index_tmp, index)
+        os.replace(self._tmp, self.path)
+        return {"name": self.path.name, "index": index.name, "samples": len(self._index),
+                "bytes": self.path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def read_index(path: Path, tar: Path) -> list[dict[str, tuple[int, int, str]]]:
+    """Parse a wds2idx v1.2 index: per sample, extension -> (data offset, size, member name)."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{tar}: index file {path.name} is missing; re-run hpcgan prepare "
+                        "(or create it with DALI's wds2idx)") from None
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
+        raise DataError(f"{tar}: index file {path.name} is not a {INDEX_VERSION} index of "
+                        f"{len(lines) - 1} samples; re-run hpcgan prepare")
+    samples = []
+    for number, line in enumerate(lines[1:], 2):
+        fields = line.split()
+        if not fields or len(fields) % 4:
+            raise DataError(f"{tar}: line {number} of {path.name} is malformed; re-run hpcgan prepare")
+        try:
+            samples.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                            for i in range(0, len(fields), 4)})
+        except ValueError:
+            raise DataError(f"{tar}: line {number} of {path.name} is malformed; re-run hpcgan prepare") from None
+    return samples
+
+
+def read_manifest(shard_dir: Path) -> dict[str, Any]:
+    path = Path(shard_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{shard_dir}: no {MANIFEST}; create shards with hpcgan prepare") from None
+    except ValueError as err:
+        raise DataError(f"{path}: not valid JSON ({err}); re-run hpcgan prepare") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; re-run hpcgan prepare")
+    return manifest
+
+
+def write_manifest(shard_dir: Path, manifest: dict[str, Any]) -> None:
+    tmp = shard_dir / (MANIFEST + ".part")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, shard_dir / MANIFEST)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a shard folder at one resolution, validated: where each sample's PNG lies."""
+
+    shard_dir: Path
+    name: str  # train | val
+    size: int
+    tars: list[Path]
+    refs: np.ndarray  # (N, 3) int64: tar number, data offset, byte size of the sample's PNG
+
+    @property
+    def num_images(self) -> int:
+        return len(self.refs)
+
+    @property
+    def indexes(self) -> list[Path]:
+        return [index_path(t) for t in self.tars]
+
+
+def _check_member(tar: Path, f: Any, offset: int, size: int, name: str) -> None:
+    """The tar header right before `offset` must name the member the index says."""
+    f.seek(offset - tarfile.BLOCKSIZE)
+    try:
+        info = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+    except tarfile.TarError:
+        info = None
+    if info is None or info.name != name or info.size != size:
+        raise DataError(f"{tar}: its index file does not match the tar (no member {name} at byte "
+                        f"{offset}); re-run hpcgan prepare")
+
+
+def open_split(shard_dir: Path, split: str, size: int | None = None) -> Split:
+    """Validate a split's shards (presence, size, index) and collect its samples' PNG locations."""
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    sizes = [int(s) for s in manifest["sizes"]]
+    size = sizes[0] if size is None else size
+    if size not in sizes:
+        raise DataError(f"{shard_dir}: shards hold sizes {sizes}, not {size}; run hpcgan prepare "
+                        f"--size {','.join(str(s) for s in sorted({*sizes, size}))} or train at one of them")
+    ext = png_key(size)
+    tars: list[Path] = []
+    refs: list[tuple[int, int, int]] = []
+    for record in (r for r in manifest["shards"] if r["split"] == split):
+        tar = shard_dir / record["name"]
+        if not tar.is_file():
+            raise DataError(f"{tar}: shard listed in {MANIFEST} is missing; re-run hpcgan prepare")
+        actual = tar.stat().st_size
+        if actual != record["bytes"]:
+            raise DataError(f"{tar}: {actual} bytes, {MANIFEST} says {record['bytes']} (truncated or "
+                            "replaced); re-run hpcgan prepare")
+        samples = read_index(shard_dir / record["index"], tar)
+        if len(samples) != record["samples"]:
+            raise DataError(f"{tar}: index lists {len(samples)} samples, {MANIFEST} says "
+                            f"{record['samples']}; re-run hpcgan prepare")
+        number = len(tars)
+        for sample in samples:
+            if ext not in sample:
+                name = next(iter(sample.values()))[2].split(".", 1)[0]
+                raise DataError(f"{tar}: sample {name} has no {ext}; re-run hpcgan prepare")
+            offset, length, _ = sample[ext]
+            if offset < tarfile.BLOCKSIZE or offset + length > actual:
+                raise DataError(f"{tar}: its index file points past the end of the tar; re-run hpcgan prepare")
+            refs.append((number, offset, length))
+        if samples:
+            with open(tar, "rb") as f:
+                for sample in (samples[0], samples[-1]):
+                    _check_member(tar, f, *sample[ext])
+        tars.append(tar)
+    return Split(shard_dir, split, size, tars, np.array(refs, dtype=np.int64).reshape(-1, 3))
+
+
+def decode_png(data: bytes, where: str, size: int) -> np.ndarray:
+    """PNG bytes -> uint8 (H, W); 16-bit PNGs are scaled as round(v / 257), as DALI's decoder does."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            pixels = np.asarray(img)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{where}: not a decodable PNG ({type(err).__name__}); re-run hpcgan prepare") from None
+    if pixels.dtype != np.uint8:
+        pixels = ((pixels.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)
+    if pixels.shape != (size, size):
+        raise DataError(f"{where}: image of shape {pixels.shape}, expected ({size}, {size}); "
+                        "re-run hpcgan prepare")
+    return pixels
+
+
+def decode_split(split: Split, workers: int = 1) -> np.ndarray:
+    """Decode every image of a split, in shard order, into one uint8 (N, H, W) array."""
+    out = np.empty((split.num_images, split.size, split.size), dtype=np.uint8)
+
+    def decode_shard(number: int) -> None:
+        rows = np.flatnonzero(split.refs[:, 0] == number)
+        tar = split.tars[number]
+        blob = tar.read_bytes()
+        for row in rows:
+            _, offset, length = split.refs[row]
+            out[row] = decode_png(blob[offset:offset + length], f"{tar} (byte {offset})", split.size)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(decode_shard, range(len(split.tars))))
+    return out
