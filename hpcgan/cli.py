@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 
 from hpcgan.config import ConfigError
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 
 
 def setup_logging() -> None:
@@ -79,7 +78,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Subcommands that live in their own modules (each exposes add_arguments(parser) and run(args) -> int);
+# only the chosen one is imported, so `hpcgan train` does not pay for DICOM or metric imports.
+MODULE_COMMANDS = {
+    "prepare": ("hpcgan.data.prepare", "turn MRI volumes/slices into WebDataset shards"),
+    "evaluate": ("hpcgan.evaluate", "compute quality metrics of a trained run"),
+    "bench": ("hpcgan.bench.run", "measure throughput against the reference DCGAN loop"),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpcgan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -96,25 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--no-ema", action="store_true", help="use the raw generator instead of the EMA copy")
     sample.set_defaults(func=cmd_sample)
 
-    _add_optional(sub, "prepare", "hpcgan.data.prepare", "turn MRI volumes/slices into WebDataset shards")
-    _add_optional(sub, "evaluate", "hpcgan.metrics.evaluate", "compute quality metrics of a trained run")
-    _add_optional(sub, "bench", "hpcgan.bench.run", "measure throughput against the reference DCGAN loop")
+    chosen = next((a for a in argv or [] if not a.startswith("-")), None)
+    for name, (module_name, help_text) in MODULE_COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(command)
+            command.set_defaults(func=module.run)
     return parser
-
-
-def _add_optional(sub, name: str, module: str, help_text: str) -> None:
-    """Subcommands whose module exposes add_arguments(parser) and run(args) -> int."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name and err.name.startswith("hpcgan"):
-            return
-        raise
-    parser = sub.add_parser(name, help=help_text)
-    mod.add_arguments(parser)
-    parser.set_defaults(func=mod.run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     from hpcgan.train import CheckpointError
 
     setup_logging()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
-    except (*USER_ERRORS, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"hpcgan {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
+import shutil
 import sys
 import time
 import warnings
@@ -64,6 +64,10 @@ class RunFiles:
     @property
     def tracking(self) -> Path:
         return self.root / "tracking.json"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best"
 
 
 class EMA:
@@ -120,7 +124,8 @@ class Trainer:
             discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
         self.ema = EMA(generator, tcfg.ema_decay) if tcfg.ema else None
         self.source: BatchSource = build_source(cfg.data, seed=cfg.seed, global_batch=tcfg.batch_size,
-                                                rank=self.rank, world=self.world, device=self.device)
+                                                rank=self.rank, world=self.world, device=self.device,
+                                                resolution=cfg.model.resolution)
         if self.source.image_shape != (cfg.model.channels, cfg.model.resolution, cfg.model.resolution):
             c, h, w = self.source.image_shape
             raise ConfigError(f"data {cfg.data.path} holds {c}x{h}x{w} images but the model makes "
@@ -153,6 +158,7 @@ class Trainer:
         self.interrupt = InterruptFlag()
         self._saved_step = -1
         self.tracker = None
+        self.metrics = None
         fixed = torch.Generator().manual_seed(cfg.seed)
         self.fixed_noise = torch.randn(64, cfg.model.nz, generator=fixed).to(self.device)
 
@@ -293,6 +299,28 @@ class Trainer:
                 {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri, "experiment": tcfg.experiment}))
             log.info("MLflow run %s at %s", self.tracker.run_id, self.tracker.uri)
 
+    def _evaluate(self) -> None:
+        """In-loop metrics on EMA samples; a new best (lower `metrics.best`) is checkpointed and copied to best/."""
+        values = self.metrics(self._sample_generator())
+        if self.is_main:
+            self._log({f"eval/{k}": v for k, v in values.items()})
+        key = self.cfg.metrics.best
+        value = values.get(key)
+        if value is None or (self.state.best and value >= self.state.best["value"]):
+            return
+        self.state.best = {"metric": key, "value": value, "step": self.state.step}
+        folder = self.save_checkpoint()
+        if self.is_main:
+            staging, old = self.files.root / ".best-tmp", self.files.root / ".best-old"
+            for leftover in (staging, old):
+                shutil.rmtree(leftover, ignore_errors=True)
+            shutil.copytree(folder, staging)
+            if self.files.best.exists():
+                self.files.best.rename(old)
+            staging.rename(self.files.best)
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("new best %s=%.4f at step %d -> %s", key, value, self.state.step, self.files.best)
+
     def _log(self, stats: dict[str, float]) -> None:
         record = {"step": self.state.step, "images_seen": self.state.images_seen, **stats}
         with open(self.files.metrics_log, "a") as handle:
@@ -319,6 +347,10 @@ class Trainer:
         self._start_tracking()
         if self.tracker and self.state.restarts:
             self.tracker.log_metrics({"restarts": self.state.restarts}, self.state.step)
+        if self.cfg.metrics.every:
+            from hpcgan.train.evaluation import InLoopMetrics
+
+            self.metrics = InLoopMetrics(self.cfg, self.device, cache_dir=self.files.root / "cache")
         self.interrupt.install()
         try:
             return self._loop()
@@ -356,6 +388,8 @@ class Trainer:
                 progress.update(1)
             if step % tcfg.sample_every == 0:
                 self._write_samples()
+            if self.metrics and step % self.cfg.metrics.every == 0:
+                self._evaluate()
             if step % ccfg.every == 0 or step in milestones:
                 self.save_checkpoint()
             if step < self.total_steps and self._should_stop():

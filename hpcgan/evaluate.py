@@ -1,0 +1,106 @@
+"""`hpcgan evaluate`: every metric that can be computed for a trained run, into metrics.json and MLflow.
+
+Generated slices come from the run's EMA generator; the real reference is the held-out (val) split of
+a shard folder, or the images themselves for a plain folder; the memorization audit searches the
+training split, calibrated on the held-out one. A metric that cannot run (no Inception weights) is
+reported as skipped with its reason, never faked; the exit code is non-zero only on an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+import hpcgan.metrics as M
+from hpcgan.data import load_real
+from hpcgan.generator import load_generator, resolve_checkpoint
+from hpcgan.train.evaluation import generate
+
+log = logging.getLogger(__name__)
+
+ALL = ["swd", "fid", "kid", "pr", "msssim", "memorization"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run folder (latest checkpoint) or checkpoint folder")
+    parser.add_argument("--data", help="real data (shard folder, image folder, .pt); default: the run's data.path")
+    parser.add_argument("--metrics", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--n", type=int, default=10000, help="generated slices (real ones: up to the same)")
+    parser.add_argument("--inception-weights", default="",
+                        help="TorchScript feature network (default: metrics.inception_weights or "
+                             "$HPCGAN_INCEPTION_WEIGHTS); without it FID/KID are skipped")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-ema", action="store_true", help="evaluate the raw generator instead of the EMA copy")
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1
+
+
+def evaluate_run(run: Path, data: str, names: list[str], n: int, weights: str, seed: int,
+                 ema: bool = True) -> tuple[dict, Path]:
+    """Distribution metrics against the held-out split; the memorization audit against the training
+    split, its threshold calibrated on the held-out split when the data has one."""
+    folder = resolve_checkpoint(run)
+    generator = load_generator(folder, ema=ema)
+    fake = generate(generator, torch.randn(n, generator.nz, generator=torch.Generator().manual_seed(seed)))
+    size = fake.shape[-1]
+    real = load_real(data, split="val", size=size)
+    pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]
+    out_dir = (run if (run / "checkpoints").exists() else folder) / "evaluation"
+    distribution = [m for m in names if m != "memorization"]
+    result = M.evaluate(distribution, _to_unit(real[pick]), fake, extractor=M.load_extractor(weights), seed=seed,
+                        out_dir=out_dir) if distribution else {}
+    if "memorization" in names:
+        train = load_real(data, split="train", size=size)
+        heldout = _to_unit(real) if Path(data, "manifest.json").exists() and len(real) else None
+        result.update(M.evaluate(["memorization"], _to_unit(train), fake, heldout=heldout, seed=seed,
+                                 out_dir=out_dir))
+    return result, folder
+
+
+def run(args: argparse.Namespace) -> int:
+    from hpcgan.config import build_config
+    import yaml
+
+    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(M.available()))
+    if unknown:
+        print(f"hpcgan evaluate: error: unknown metric(s) {', '.join(unknown)}; choose from {', '.join(M.available())}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run)
+    folder = resolve_checkpoint(run_dir)
+    cfg = build_config(base=yaml.safe_load((folder / "config.yaml").read_text()))
+    data = args.data or cfg.data.path
+    weights = args.inception_weights or cfg.metrics.inception_weights
+    result, folder = evaluate_run(run_dir, data, names, args.n, weights, args.seed, ema=not args.no_ema)
+    step = json.loads((folder / "state.json").read_text())["step"]
+    report = {"checkpoint": str(folder), "step": step, "data": data, "n": args.n, **result}
+    out = (run_dir if (run_dir / "checkpoints").exists() else folder) / "metrics.json"
+    out.write_text(json.dumps(report, indent=1))
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value:.6g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    print(f"wrote {out}")
+    _log_to_mlflow(run_dir, {k: v for k, v in result.items() if isinstance(v, float)}, step)
+    return 0
+
+
+def _log_to_mlflow(run_dir: Path, values: dict[str, float], step: int) -> None:
+    """Into the run's own MLflow run when it has one; a tracking outage only costs a warning."""
+    tracking = run_dir / "tracking.json"
+    if not tracking.exists():
+        return
+    from hpcgan.track import Tracker
+
+    info = json.loads(tracking.read_text())
+    tracker = Tracker(uri=info["tracking_uri"], experiment=info["experiment"], run_name="", params={}, tags={},
+                      run_id=info["run_id"])
+    tracker.log_metrics({f"eval/{k}": v for k, v in values.items()}, step)
+    if tracker.close(status="FINISHED", timeout_s=30):
+        print(f"logged to MLflow run {info['run_id']} at {info['tracking_uri']}")
