@@ -48,6 +48,6 @@ def test_ddp_checkpoint_and_resume_is_exact(image_folder, tmp_path):
     train(tmp_path / "straight", 8)
     train(tmp_path / "resumed", 5)
     ckpt = tmp_path / "resumed" / "checkpoints" / "step-0000005"
-    assert sorted(p.name for p in ckpt.glob("rng-rank*.pt")) == ["rng-rank00000.pt", "rng-rank00001.pt"]
+    assert sorted(p.name for p in ckpt.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
     train(tmp_path / "resumed", 8)
     assert_identical(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight"))

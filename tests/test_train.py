@@ -188,3 +188,9 @@ def test_foreign_checkpoint_is_refused_without_damage(capsys, image_folder, tmp_
     code, err = train_cli(capsys, image_folder, out, "train.steps=4")
     assert code == 2 and "does not match this model" in err and "step-0000002" in err
     assert (ckpt / "model.pt").exists()
+
+
+def test_fp16_on_cpu_is_refused_with_the_alternative(capsys, image_folder, tmp_path):
+    # Accelerate has no loss scaler on CPU, and fp16 without one underflows: bf16 is the CPU choice.
+    code, err = train_cli(capsys, image_folder, tmp_path / "run", "train.mixed_precision=fp16")
+    assert code == 2 and "fp16 needs a CUDA GPU" in err and "bf16" in err

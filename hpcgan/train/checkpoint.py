@@ -5,7 +5,7 @@ Layout of `RUN/checkpoints/step-0000120/`:
     optim.pt          both optimizers and the loss scaler (global rank 0)
     state.json        the loop's TrainState: step, images seen, data position, MLflow run id, ...
     config.yaml       the resolved config that produced it
-    rng-rank00000.pt  one per rank: python, numpy, torch and cuda RNG states
+    rank-00000.pt     one per rank: python, numpy, torch and cuda RNG states, the reader's position
     COMPLETE          written last; lists every file with its size
 
 Everything is first written into `.tmp-step-0000120/`, fsynced, marked, then renamed into place, so a
@@ -40,8 +40,8 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
-def rng_file_name(rank: int) -> str:
-    return f"rng-rank{rank:05d}.pt"
+def rank_file_name(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
 
 
 def _fsync_file(path: Path) -> None:
@@ -137,7 +137,7 @@ class CheckpointManager:
         self.barrier()
         already = final.exists()  # a step saved twice (e.g. periodic + final) keeps the first copy
         if not already:
-            _write_torch(rank_state, tmp / rng_file_name(self.rank))
+            _write_torch(rank_state, tmp / rank_file_name(self.rank))
             if self.is_main:
                 for name, obj in shared.items():
                     if isinstance(obj, str):
@@ -173,6 +173,6 @@ class CheckpointManager:
                                   "move the folder away to resume from the previous one") from None
 
     def read_rank_state(self, folder: Path) -> dict[str, Any] | None:
-        """This rank's RNG states, or None when the checkpoint came from fewer processes."""
-        path = folder / rng_file_name(self.rank)
+        """This rank's own state (RNG, reader position), or None when the checkpoint came from fewer processes."""
+        path = folder / rank_file_name(self.rank)
         return load_torch(path) if path.exists() else None

@@ -111,6 +111,9 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=not torch.cuda.is_available(),
                                kwargs_handlers=handlers)
+        if tcfg.mixed_precision == "fp16" and self.acc.scaler is None:
+            raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (its loss scaler); "
+                              "on CPU use train.mixed_precision=bf16")
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process  # global rank 0, not the node-local one
         self.device = self.acc.device
@@ -187,15 +190,16 @@ class Trainer:
         if self.acc.scaler is not None and optim.get("scaler"):
             self.acc.scaler.load_state_dict(optim["scaler"])
         self.state = TrainState.from_dict(self.ckpt.read_state(folder))
-        self.source.load_state_dict(self.state.data)
-        rng = self.ckpt.read_rank_state(folder)
-        if rng is None:
-            log.warning("%s holds no RNG state for rank %d (saved with %d processes, now %d): "
+        mine = self.ckpt.read_rank_state(folder)
+        if mine is None:
+            log.warning("%s holds no state for rank %d (saved with %d processes, now %d): "
                         "continuing with fresh noise, not an exact continuation",
                         folder, self.rank, self.state.world_size, self.world)
+            self.source.load_state_dict(self.state.data)
             seed_everything(self.cfg.seed + 7919 * self.rank + self.state.step)
         else:
-            restore_rng(rng)
+            self.source.load_state_dict(mine["data"])
+            restore_rng(mine["rng"])
         self.state.restarts += 1
         self.state.world_size = self.world
         self._saved_step = self.state.step
@@ -260,7 +264,7 @@ class Trainer:
                 "state.json": json.dumps(self.state.to_dict(), indent=1),
                 "config.yaml": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
             }
-        path = self.ckpt.save(self.state.step, shared, capture_rng())
+        path = self.ckpt.save(self.state.step, shared, {"rng": capture_rng(), "data": self.state.data})
         if self.is_main:
             log.info("checkpoint %s", path)
         return path
@@ -366,10 +370,19 @@ class Trainer:
             from tqdm import tqdm
             progress = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True)
         milestones = set(ccfg.milestones)
+        compiling = tcfg.compile
         while self.state.step < self.total_steps:
             stats_sum += self.step()
             n_stats += 1
             step = self.state.step
+            if compiling:  # reported on its own, and kept out of images/s
+                stats_sum.cpu()  # wait for the compiled kernels to finish
+                compile_s = time.perf_counter() - last_time
+                compiling, last_time, last_images = False, time.perf_counter(), self.state.images_seen
+                if self.is_main:
+                    log.info("torch.compile (%s) + first step: %.1f s", tcfg.compile_mode, compile_s)
+                    if self.tracker:
+                        self.tracker.log_metrics({"compile_s": compile_s}, step)
             if step % tcfg.log_every == 0 or step == self.total_steps:
                 values = (stats_sum / n_stats).tolist()  # the only host sync, once per log interval
                 now = time.perf_counter()
