@@ -63,12 +63,39 @@ def test_each_epoch_serves_every_image_once(shard_dir: Path, reader: str) -> Non
     assert not torch.equal(epochs[0], epochs[1])  # a new order each epoch
 
 
-def test_webdataset_reader_equals_memory_reader_batch_for_batch(shard_dir: Path) -> None:
+def test_webdataset_order_depends_on_seed_and_epoch_only(shard_dir: Path) -> None:
+    """The same batches, flips included, with any number of workers; flips do not change the order."""
     for rank, world in ((0, 1), (1, 2)):
-        memory = source(shard_dir, "memory", rank=rank, world=world)
-        streamed = source(shard_dir, "webdataset", rank=rank, world=world, workers=2)
-        for _ in range(14):  # over two epochs, flips included
-            assert torch.equal(memory.next_batch(), streamed.next_batch())
+        inline = source(shard_dir, "webdataset", rank=rank, world=world, workers=0)
+        workers = source(shard_dir, "webdataset", rank=rank, world=world, workers=2)
+        for _ in range(14):  # over two epochs
+            assert torch.equal(inline.next_batch(), workers.next_batch())
+    flipped, plain = source(shard_dir, "webdataset"), source(shard_dir, "webdataset", flip=False)
+    mirrored = 0
+    for _ in range(6):
+        a, b = flipped.next_batch(), plain.next_batch()
+        same, mirror = (a == b).flatten(1).all(1), (a == b.flip(-1)).flatten(1).all(1)
+        assert (same | mirror).all()
+        mirrored += int((mirror & ~same).sum())
+    assert 20 < mirrored < 76  # about half of 96
+
+
+def test_webdataset_streams_through_the_webdataset_library(shard_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import webdataset
+
+    import hpcgan.data.webdataset_reader as reader
+
+    opened = []
+
+    class Spy(webdataset.WebDataset):
+        def __init__(self, urls, **kw):  # noqa: ANN001, ANN003
+            opened.append(list(urls))
+            super().__init__(urls, **kw)
+
+    monkeypatch.setattr(reader.wds, "WebDataset", Spy)
+    src = source(shard_dir, "webdataset")
+    src.next_batch()
+    assert sorted(opened[0]) == sorted(str(t) for t in sorted(shard_dir.glob("train-*.tar")))
 
 
 def test_dali_reads_the_index_files_prepare_writes(shard_dir: Path) -> None:
@@ -186,6 +213,28 @@ def test_corrupt_png_inside_a_valid_shard_fails_naming_it(tmp_path: Path) -> Non
             src = source(tmp_path, reader, workers=workers, flip=False, batch=32)
             src.next_batch()
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("how", ["cut inside a member", "cut at a header", "sample without png"])
+def test_webdataset_shard_damaged_after_opening_fails_naming_it(tmp_path: Path, how: str) -> None:
+    """Damage the validation at open time cannot see: webdataset's errors become one line naming the shard."""
+    make_shards(tmp_path, n_train=96)
+    src = source(tmp_path, "webdataset", workers=1, batch=32)
+    tar = tmp_path / "train-000001.tar"
+    data = tar.read_bytes()
+    if how == "cut inside a member":
+        tar.write_bytes(data[:5000])
+    elif how == "cut at a header":  # a tar that ends cleanly after a few samples
+        tar.write_bytes(data[:shards.read_index(shards.index_path(tar), tar)[3]["16.png"][0] - 512])
+    else:
+        writer = shards.ShardWriter(tar)
+        writer.add("a", {"json": b"{}"})
+        writer.close()
+    with pytest.raises(DataError) as err:
+        for _ in range(src.batches_per_epoch):
+            src.next_batch()
+    message = str(err.value)
+    assert str(tar) in message and "\n" not in message and "re-run hpcgan prepare" in message
 
 
 def test_auto_reader_choice(shard_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

@@ -16,10 +16,7 @@ from hpcgan.data.source import DataError, epoch_generator, rank_slice
 
 def epoch_plan(seed: int, epoch: int, num_images: int, global_batch: int, my_slice: slice,
                flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """This epoch's sample indices and flips for one rank, one row per global batch.
-
-    Shared with the webdataset reader, so that both serve the same images in the same order.
-    """
+    """This epoch's sample indices and flips for one rank, one row per global batch."""
     gen = epoch_generator(seed, epoch)
     order = torch.randperm(num_images, generator=gen)
     flips = torch.rand(num_images, generator=gen) < 0.5 if flip else None

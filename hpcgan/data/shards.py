@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from webdataset import TarWriter
+from webdataset.tariterators import base_plus_ext
 
 from hpcgan.data.source import DataError
 
@@ -47,40 +49,63 @@ def is_shard_dir(path: Path) -> bool:
 
 
 class ShardWriter:
-    """Write one tar shard and its index; reproducible bytes (fixed mtime/owner), atomic rename on close."""
+    """Write one tar shard with `webdataset.TarWriter`, then its index; reproducible bytes (fixed
+    mtime/owner), atomic rename on close."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._tmp = path.with_name(path.name + ".part")
         self._file = open(self._tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
-        self._index: list[str] = []
+        self._tar = TarWriter(self._file, user="", group="", mode=0o444, mtime=0, encoder=False)
+        self._samples = 0
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
-        entries = []
+        # One member per write(): TarWriter sorts a sample's members, this keeps the caller's order.
         for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mode, info.mtime = len(data), 0o444, 0
-            offset = self._tar.offset + tarfile.BLOCKSIZE  # data follows the 512-byte header
-            self._tar.addfile(info, io.BytesIO(data))
-            entries.append(f"{ext} {offset} {len(data)} {info.name}")
-        self._index.append(" ".join(entries))
+            self._tar.write({"__key__": key, ext: data})
+        self._samples += 1
 
     def close(self) -> dict[str, Any]:
         """Finish the shard; return its manifest record."""
         self._tar.close()
         self._file.close()
+        lines = scan_index(self._tmp)
+        if len(lines) != self._samples:
+            raise DataError(f"{self.path}: wrote {self._samples} samples but the tar groups into {len(lines)} "
+                            "(keys must not contain dots and must differ between neighbours)")
         index = self.path.with_suffix(".idx")
         index_tmp = index.with_name(index.name + ".part")
-        index_tmp.write_text(f"{INDEX_VERSION} {len(self._index)}\n" + "".join(f"{line}\n" for line in self._index))
+        index_tmp.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "".join(f"{line}\n" for line in lines))
         digest = hashlib.sha256()
         with open(self._tmp, "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
         os.replace(index_tmp, index)
         os.replace(self._tmp, self.path)
-        return {"name": self.path.name, "index": index.name, "samples": len(self._index),
+        return {"name": self.path.name, "index": index.name, "samples": len(lines),
                 "bytes": self.path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def scan_index(tar: Path) -> list[str]:
+    """The wds2idx v1.2 index lines of a tar, from its headers: one line per sample (consecutive members
+    with one key, split at the first dot of the name as webdataset does), `<ext> <data offset> <size>
+    <member name>` per member."""
+    lines: list[list[str]] = []
+    current = None
+    with tarfile.open(tar, "r:") as f:
+        for info in f:
+            if not info.isreg():
+                continue
+            key, ext = base_plus_ext(info.name)
+            if key is None:
+                continue
+            entry = f"{ext} {info.offset_data} {info.size} {info.name}"
+            if key == current:
+                lines[-1].append(entry)
+            else:
+                lines.append([entry])
+                current = key
+    return [" ".join(line) for line in lines]
 
 
 def read_index(path: Path, tar: Path) -> list[dict[str, tuple[int, int, str]]]:
