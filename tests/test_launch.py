@@ -125,7 +125,7 @@ def test_partition_priority_preemption(image_folder, tmp_path, uninterrupted):
 def test_sweep_is_one_job_array_with_a_run_per_point(slurm_cluster, image_folder, tmp_path):
     out = tmp_path / "sweep"
     proc = submit(tmp_path, out, "--wait", "--sweep", "train.lr=1e-4,3e-4", data=image_folder, steps=4)
-    jobs = [line.split()[1] for line in finish(proc).splitlines() if "run folder" in line]
+    jobs = [line.split()[1] for line in finish(proc).splitlines() if line.startswith("job ") and "run folder" in line]
     assert len(jobs) == 2 and len({j.split("_")[0] for j in jobs}) == 1, jobs  # one array job, two tasks
     assert {p.name for p in out.iterdir() if (p / "checkpoints").exists()} == {"lr-1e-4", "lr-3e-4"}
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -142,8 +142,8 @@ def test_bad_input_gives_one_line_before_submitting(slurm_cluster, image_folder,
     train = ["--", "--data", str(image_folder), "--out", str(tmp_path / "run")]
     cases = {
         "--partition nosuch": ("no such partition", ["--cluster", "slurm", "--partition", "nosuch", *train]),
-        "impossible": ("SLURM refused the job", ["--cluster", "slurm", "--cpus-per-task", "64", *train]),
-        "missing data": ("data path does not exist", ["--cluster", "slurm", "--", "--data", str(tmp_path / "x"),
+        "impossible": ("SLURM refused the job", ["--cluster", "slurm", "--mem", "100T", *train]),
+        "missing data": ("x does not exist: pass --data", ["--cluster", "slurm", "--", "--data", str(tmp_path / "x"),
                                                       "--out", str(tmp_path / "run")]),
         "bad key": ("unknown config key 'train.lrr'", ["--cluster", "slurm", *train, "--set", "train.lrr=1"]),
     }

@@ -8,6 +8,7 @@ absolute paths; the run folder holds everything else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -16,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +176,22 @@ def make_executor(opts: argparse.Namespace, folder: Path):
     return executor
 
 
+@contextlib.contextmanager
+def _child_stderr():
+    """Collect what sbatch writes to stderr (submitit lets it through) so a refusal is one line."""
+    sys.stderr.flush()
+    saved, captured = os.dup(2), []
+    with tempfile.TemporaryFile(mode="w+") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            captured.append(capture.read())
+
+
 def submit(opts: argparse.Namespace, train_argv: list[str]) -> tuple[Plan, list]:
     from hpcgan.launch.job import TrainJob
 
@@ -188,16 +206,22 @@ def submit(opts: argparse.Namespace, train_argv: list[str]) -> tuple[Plan, list]
         raise LaunchError(f"--nodes {opts.nodes} needs --cluster slurm; the {opts.cluster} executor runs on this machine")
     plan = plan_runs(opts, train_argv)
     folder = plan.runs[0][0].parent if len(plan.runs) > 1 else plan.runs[0][0]
-    executor = make_executor(opts, folder / "submitit" / time.strftime("%Y%m%d-%H%M%S"))
+    logs = folder / "submitit" / time.strftime("%Y%m%d-%H%M%S")
+    executor = make_executor(opts, logs)
     try:
-        if len(plan.runs) > 1:
-            with executor.batch():
-                jobs = [executor.submit(TrainJob(), argv) for _, argv in plan.runs]
-        else:
-            jobs = [executor.submit(TrainJob(), plan.runs[0][1])]
+        with _child_stderr() as stderr:
+            if len(plan.runs) > 1:
+                with executor.batch():
+                    jobs = [executor.submit(TrainJob(), argv) for _, argv in plan.runs]
+            else:
+                jobs = [executor.submit(TrainJob(), plan.runs[0][1])]
     except Exception as err:  # submitit wraps sbatch's refusal; show its reason in one line
-        reason = " ".join(str(err).split())
+        reason = " ".join(f"{''.join(stderr)} {err}".split())
         match = re.search(r"sbatch: error: (.*?)(?: sbatch: error:|$)", reason)
+        shutil.rmtree(logs, ignore_errors=True)
+        for empty in (logs.parent, folder):  # leave no trace of a submission that never happened
+            with contextlib.suppress(OSError):
+                empty.rmdir()
         raise LaunchError(f"SLURM refused the job: {match.group(1) if match else reason[-300:]}") from None
     for (out, _), job in zip(plan.runs, jobs):
         print(f"job {job.job_id} ({opts.cluster}): run folder {out}")

@@ -80,6 +80,9 @@ SelectTypeParameters=CR_CPU_Memory
 SchedulerParameters=sched_interval=2,bf_interval=1
 KillWait=10
 JobRequeue=1
+# Reject requests no node can ever satisfy at submission (as production clusters do), instead of
+# leaving them PENDING with reason PartitionConfig forever.
+EnforcePartLimits=ALL
 # Real preemption: jobs in 'high' requeue jobs in 'debug'. At preemption the job gets its
 # own --signal (e.g. USR2) instead of SIGTERM; TERM and KILL follow after GraceTime.
 PreemptType=preempt/partition_prio
