@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from hpcgan.data.shards import Split, png_key
-from hpcgan.data.source import DataError, epoch_generator, rank_slice
+from hpcgan.data.source import DataError, batches_per_epoch, epoch_generator, rank_slice
 
 
 def _first_line(err: BaseException) -> str:
@@ -36,10 +36,8 @@ class DaliSource:
                  shuffle_buffer: int = 1024) -> None:
         self.split = split
         self.num_images = split.num_images
-        self.batches_per_epoch = self.num_images // global_batch
-        if self.batches_per_epoch == 0:
-            raise DataError(f"{split.shard_dir}: the {split.name} split has {self.num_images} images, fewer "
-                            f"than one batch of train.batch_size={global_batch}: lower the batch size or add data")
+        self.batches_per_epoch = batches_per_epoch(self.num_images, global_batch,
+                                                   f"{split.shard_dir}: the {split.name} split")
         self.image_shape = (1, split.size, split.size)
         self.device = torch.device(device)
         share = rank_slice(global_batch, rank, world)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from hpcgan.data.source import DataError, epoch_generator, rank_slice
+from hpcgan.data.source import DataError, batches_per_epoch, epoch_generator, rank_slice
 
 
 def epoch_plan(seed: int, epoch: int, num_images: int, global_batch: int, my_slice: slice,
@@ -40,14 +40,13 @@ class MemorySource:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise DataError(f"memory reader expects uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self.num_images = images.shape[0]
-        self.batches_per_epoch = self.num_images // global_batch
-        if self.batches_per_epoch == 0:
-            raise DataError(f"the training set has {self.num_images} images, fewer than one batch of "
-                            f"train.batch_size={global_batch}: lower the batch size or add data")
+        self.batches_per_epoch = batches_per_epoch(self.num_images, global_batch, "the training set")
         self.image_shape = tuple(images.shape[1:])
         self.device = torch.device(device)
-        self.images = images.to(self.device) if device_resident else images.pin_memory() \
-            if self.device.type == "cuda" else images
+        if device_resident:
+            self.images = images.to(self.device)
+        else:  # pinned host memory: non-blocking copies overlap the GPU's work
+            self.images = images.pin_memory() if self.device.type == "cuda" else images
         self.seed, self.global_batch, self.flip = seed, global_batch, flip
         self.my_slice = rank_slice(global_batch, rank, world)
         self.epoch, self.batch = 0, 0

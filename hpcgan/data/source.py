@@ -41,3 +41,12 @@ def rank_slice(global_batch: int, rank: int, world: int) -> slice:
                         "pick a multiple of the number of processes")
     per_rank = global_batch // world
     return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def batches_per_epoch(num_images: int, global_batch: int, what: str) -> int:
+    """Global batches in one epoch (the last partial one is dropped); at least one, or a clear error."""
+    batches = num_images // global_batch
+    if batches == 0:
+        raise DataError(f"{what} has {num_images} images, fewer than one batch of train.batch_size={global_batch}: "
+                        "lower the batch size or add data")
+    return batches

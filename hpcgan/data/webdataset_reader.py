@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hpcgan.data.memory import to_unit_range
 from hpcgan.data.shards import Split, decode_png, png_key
-from hpcgan.data.source import DataError, epoch_generator, rank_slice
+from hpcgan.data.source import DataError, batches_per_epoch, epoch_generator, rank_slice
 
 SHUFFLE_BUFFER = 1024  # samples; as DALI's reader
 
@@ -163,10 +163,8 @@ class WebDatasetSource:
                  shuffle_buffer: int = SHUFFLE_BUFFER) -> None:
         self.split = split
         self.num_images = split.num_images
-        self.batches_per_epoch = self.num_images // global_batch
-        if self.batches_per_epoch == 0:
-            raise DataError(f"{split.shard_dir}: the {split.name} split has {self.num_images} images, fewer "
-                            f"than one batch of train.batch_size={global_batch}: lower the batch size or add data")
+        self.batches_per_epoch = batches_per_epoch(self.num_images, global_batch,
+                                                   f"{split.shard_dir}: the {split.name} split")
         self.image_shape = (1, split.size, split.size)
         self.device = torch.device(device)
         self.seed, self.global_batch, self.flip = seed, global_batch, flip
