@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from hpcgan.config import build_config
 from hpcgan.train import Trainer
+from hpcgan.train.loop import release_distributed
 
 out, steps, *overrides = sys.argv[1:]
 trainer = Trainer(build_config(overrides=overrides), out)
@@ -27,3 +28,4 @@ for _ in range(int(steps)):
 if trainer.rank == 0:
     with open(f"{out}/ddp_report.json", "w") as handle:
         json.dump(report, handle)
+release_distributed()

@@ -50,3 +50,7 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         build_config(files=[path])
     with pytest.raises(ConfigError, match="missing.yaml does not exist"):
         build_config(files=[tmp_path / "missing.yaml"])
+
+
+def test_yaml_no_stays_a_word():
+    assert build_config(overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"

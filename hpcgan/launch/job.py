@@ -39,17 +39,23 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self, argv: list[str]) -> str:
         from hpcgan.cli import build_parser, resolve_train_config, setup_logging
         from hpcgan.train import EXIT_INTERRUPTED, Trainer
+        from hpcgan.train.loop import release_distributed
 
         export_distributed_env()
         setup_logging()
         args = build_parser().parse_args(["train", *argv])
         trainer = Trainer(resolve_train_config(args), args.out)
-        code = trainer.fit()
+        try:
+            code = trainer.fit()
+        finally:
+            release_distributed()
         if code == EXIT_INTERRUPTED:
             signum = trainer.interrupt.signum
             preempt_signal = submitit.JobEnvironment._usr_sig()
             if signum == preempt_signal and trainer.is_main:
                 log.info("handing %s to submitit to requeue the job", signal.Signals(signum).name)
                 signal.raise_signal(signum)  # submitit's handler: checkpoint() + requeue, then exits
-            return f"interrupted at step {trainer.state.step}; the requeued job resumes from {args.out}"
+            # SIGTERM (scontrol requeue, preemption): SLURM requeues by itself. Exiting without a
+            # result keeps submitit from recording this job as finished.
+            raise SystemExit(EXIT_INTERRUPTED)
         return f"finished at step {trainer.state.step} in {args.out}"

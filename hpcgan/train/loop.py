@@ -429,5 +429,14 @@ class Trainer:
         return EXIT_DONE
 
 
+def release_distributed() -> None:
+    """Destroy the process group before exit: an undestroyed gloo group can abort the process."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def train(cfg: Config, run_dir: str | Path) -> int:
-    return Trainer(cfg, run_dir).fit()
+    try:
+        return Trainer(cfg, run_dir).fit()
+    finally:
+        release_distributed()

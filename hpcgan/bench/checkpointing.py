@@ -1,0 +1,81 @@
+"""Checkpoint save and restore times, and the time from an interrupt signal to the process's exit.
+
+Restore is timed as resume does it: a fresh Trainer on the run folder finds the latest checkpoint and
+loads it (`fit()` with nothing left to train returns right after). The interrupt is measured on a real
+`hpcgan train` process: SIGUSR1 is sent just after a step's log line, so the process must finish nearly a
+whole step, save and exit: the worst case a scheduler's grace period has to cover.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hpcgan.config import Config, build_config, flatten, to_dict
+from hpcgan.train import EXIT_INTERRUPTED, Trainer
+from hpcgan.train.checkpoint import CheckpointManager, is_complete
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6
+
+
+def save_and_restore(trainer: Trainer) -> dict[str, float]:
+    """Save `trainer`'s state (it must have trained), then restore it into a fresh Trainer."""
+    start = time.perf_counter()
+    path = trainer.save_checkpoint()
+    save_s = time.perf_counter() - start
+    cfg = build_config(base=to_dict(trainer.cfg), overrides=[f"train.steps={trainer.state.step}"])
+    fresh = Trainer(cfg, trainer.files.root)
+    start = time.perf_counter()
+    fresh.fit()
+    restore_s = time.perf_counter() - start
+    if fresh.state.step != trainer.state.step:
+        raise RuntimeError(f"restore from {path} reached step {fresh.state.step}, not {trainer.state.step}")
+    return {"save_s": save_s, "restore_s": restore_s, "mb": folder_mb(path), "step": trainer.state.step}
+
+
+def signal_to_exit(cfg: Config, run_dir: Path, after_steps: int = 2,
+                   timeout: float = 600.0) -> dict[str, float | int | str]:
+    """Train `cfg` in an `hpcgan train` process; SIGUSR1 right after step `after_steps` is logged (past the
+    first steps, which are slower while the process's memory warms up); time from the signal to exit."""
+    settings = {**_non_defaults(cfg), "train.steps": 1_000_000, "train.log_every": 1,
+                "train.sample_every": 1_000_000, "checkpoint.every": 1_000_000, "track.enabled": False}
+    cmd = [sys.executable, "-m", "hpcgan", "train", "--out", str(run_dir),
+           *[arg for key, value in settings.items() for arg in ("--set", f"{key}={json.dumps(value)}")]]
+    log_file = run_dir.with_suffix(".log")
+    metrics = run_dir / "metrics.jsonl"
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + timeout
+            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= after_steps):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"hpcgan train ended or stalled before step {after_steps}; see {log_file}")
+                time.sleep(0.005)
+            start = time.perf_counter()
+            proc.send_signal(signal.SIGUSR1)
+            code = proc.wait(timeout=timeout)
+            elapsed = time.perf_counter() - start
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    latest = CheckpointManager(run_dir / "checkpoints", keep=1).latest()
+    if code != EXIT_INTERRUPTED or latest is None or not is_complete(latest):
+        raise RuntimeError(f"hpcgan train exited {code} without a complete checkpoint; see {log_file}")
+    last = json.loads(metrics.read_text().splitlines()[-1])  # the step the signal arrived in
+    return {"signal_to_exit_s": elapsed, "exit_code": code, "checkpoint": latest.name, "step": last["step"],
+            "step_s": cfg.train.batch_size / last["images_per_s"]}
+
+
+def _non_defaults(cfg: Config) -> dict[str, Any]:
+    """The dotted keys where `cfg` differs from the defaults, to hand on as --set."""
+    default = flatten(Config())
+    return {key: value for key, value in flatten(cfg).items() if default.get(key) != value}

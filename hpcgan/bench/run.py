@@ -1,0 +1,119 @@
+"""`hpcgan bench [--quick] [--json FILE]`: hpcgan against the reference DCGAN loop, on the same images.
+
+Prints a table and, with --json, writes every figure, the targets with their margins, device, versions
+and the command. --quick (CI, a few minutes on 2 CPU cores) times 64px at batch 128 only, in few short
+repeats, and skips the multi-process scaling run. Imports stay inside `run` because the CLI imports this
+module to build its parser for every subcommand; the measuring lives in `suite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcgan.config import ConfigError
+
+STAGES = ("readers", "checkpoint", "interrupt", "scaling")
+MODES = {  # quick: CI on 2 CPU cores in a few minutes; full: the documented run (hours on 2 CPU cores)
+    "quick": {"resolutions": [64], "batches": [128], "warmup": 1, "steps": 2, "repeats": 2, "reader_batches": 10},
+    "full": {"resolutions": [64, 128], "batches": [128, 512], "warmup": 1, "steps": 3, "repeats": 3,
+             "reader_batches": 40},
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str  # quick | full
+    data: str | None
+    resolutions: list[int]
+    batches: list[int]
+    warmup: int
+    steps: int
+    repeats: int
+    reader_batches: int
+    skip: frozenset[str]
+    compile: bool
+    peaks: dict[str, float]
+    overrides: list[str]
+
+    @property
+    def headline(self) -> tuple[int, int]:
+        """The configuration the contract's single figures and the CPU targets refer to."""
+        return (64 if 64 in self.resolutions else self.resolutions[0],
+                128 if 128 in self.batches else self.batches[0])
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 64,128") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers")
+    return values
+
+
+def _peak(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if sep and name in ("fp32", "bf16", "fp16"):
+            return name, float(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected PRECISION=TFLOPS, e.g. bf16=989.4")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="CI mode: 64px, batch 128, short repeats, no scaling run (a few minutes on 2 cores)")
+    parser.add_argument("--json", metavar="FILE", help="write all results here")
+    parser.add_argument("--data", help="image folder or prepared shard folder (default: the quickstart MNI152 "
+                                       "slices, prepared in the work folder)")
+    parser.add_argument("--resolutions", type=_ints, help="comma-separated (full default 64,128; quick 64)")
+    parser.add_argument("--batches", type=_ints, help="comma-separated global batch sizes (full default 128,512; "
+                                                      "quick 128)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per loop before the repeats (default 1)")
+    parser.add_argument("--steps", type=int, help="timed steps per repeat (full 3, quick 2)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats per loop (full 3, quick 2)")
+    parser.add_argument("--skip", action="append", default=[], choices=STAGES, help="leave a stage out (repeatable)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compilation)")
+    parser.add_argument("--peak-tflops", dest="peaks", action="append", default=[], type=_peak,
+                        metavar="PREC=TFLOPS", help="device peak for MFU, e.g. bf16=989.4 (overrides the table)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every hpcgan loop; model sizes also apply to the reference")
+    parser.add_argument("--workdir", help="keep prepared data, runs and logs here (default: a temporary folder)")
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    mode = "quick" if args.quick else "full"
+    given = {key: getattr(args, key) for key in ("resolutions", "batches", "warmup", "steps", "repeats")}
+    settings = {**MODES[mode], **{key: value for key, value in given.items() if value is not None}}
+    if settings["warmup"] < 0 or settings["steps"] < 1 or settings["repeats"] < 1:
+        raise ConfigError("hpcgan bench: needs --warmup >= 0, --steps >= 1 and --repeats >= 1")
+    return Plan(mode=mode, data=args.data, skip=frozenset(args.skip) | ({"scaling"} if args.quick else set()),
+                compile=args.compile, peaks=dict(args.peaks), overrides=list(args.overrides), **settings)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hpcgan.bench.report import evaluate, table
+    from hpcgan.bench.suite import measure
+
+    plan = make_plan(args)
+    logging.getLogger("hpcgan").setLevel(logging.WARNING)  # the trainers' info lines would bury the table
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        result = measure(plan, Path(args.workdir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="hpcgan-bench-") as tmp:
+            result = measure(plan, Path(tmp))
+    targets = evaluate(result)
+    result["targets"] = [t.to_dict() for t in targets]
+    print(table(result, targets))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
