@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -19,9 +18,7 @@ import torch
 import hpcgan.metrics as M
 from hpcgan.data import load_real
 from hpcgan.generator import load_generator, resolve_checkpoint
-from hpcgan.train.evaluation import generate
-
-log = logging.getLogger(__name__)
+from hpcgan.train.samples import generate
 
 ALL = ["swd", "fid", "kid", "pr", "msssim", "memorization"]
 

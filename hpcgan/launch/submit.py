@@ -24,9 +24,6 @@ from pathlib import Path
 
 from hpcgan.config import ConfigError
 
-log = logging.getLogger(__name__)
-
-
 class LaunchError(RuntimeError):
     """A submission that cannot work; the message says what to change."""
 

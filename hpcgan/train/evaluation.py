@@ -16,6 +16,7 @@ import torch
 import hpcgan.metrics as M
 from hpcgan.config import Config
 from hpcgan.data import load_real
+from hpcgan.train.samples import generate
 
 
 def dataset_key(path: str) -> str:
@@ -25,15 +26,6 @@ def dataset_key(path: str) -> str:
         return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
     stat = Path(path).stat()
     return hashlib.sha256(f"{Path(path).resolve()}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-
-
-@torch.no_grad()
-def generate(generator: torch.nn.Module, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    was_training = generator.training
-    generator.eval()
-    images = torch.cat([generator(z[i:i + batch]).float() for i in range(0, len(z), batch)])
-    generator.train(was_training)
-    return images
 
 
 class InLoopMetrics:

@@ -29,7 +29,7 @@ from hpcgan.data import BatchSource, build_source
 from hpcgan.models import build_models
 from hpcgan.models.losses import d_loss, g_loss
 from hpcgan.train.checkpoint import CheckpointError, CheckpointManager, load_torch, step_dir_name
-from hpcgan.train.samples import save_grid
+from hpcgan.train.samples import generate, save_grid
 from hpcgan.train.signals import EXIT_INTERRUPTED, InterruptFlag
 from hpcgan.train.state import TrainState, capture_rng, restore_rng, seed_everything
 
@@ -275,12 +275,7 @@ class Trainer:
     def _write_samples(self) -> None:
         if not self.is_main:
             return
-        module = self._sample_generator()
-        was_training = module.training
-        module.eval()
-        with torch.no_grad():
-            images = module(self.fixed_noise)
-        module.train(was_training)
+        images = generate(self._sample_generator(), self.fixed_noise)
         path = save_grid(images, self.files.samples / f"step-{self.state.step:07d}.png")
         if self.tracker:
             self.tracker.log_artifact(path, "samples")

@@ -10,6 +10,16 @@ import torch
 from PIL import Image
 
 
+@torch.no_grad()
+def generate(generator: torch.nn.Module, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Images from `z` in eval mode (BatchNorm running stats), in batches; the module's mode is restored."""
+    was_training = generator.training
+    generator.eval()
+    images = torch.cat([generator(z[i:i + batch]).float() for i in range(0, len(z), batch)])
+    generator.train(was_training)
+    return images
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W) or (N, H, W, C) uint8."""
     arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
