@@ -1,3 +1,3 @@
-from hpcgan.cli import main
+from hpcgan.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from hpcgan.config import ConfigError
 
@@ -126,3 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"hpcgan {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def entry() -> NoReturn:
+    """The `hpcgan` command. An interrupted run has committed its checkpoint and a scheduler's grace
+    period is running out: it leaves without the interpreter's teardown (about a second here)."""
+    from hpcgan.train import EXIT_INTERRUPTED
+
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

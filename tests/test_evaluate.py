@@ -35,7 +35,7 @@ def test_in_loop_metrics_are_logged_and_best_is_kept(evaluated_run):
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curves = [r for r in logged if "eval/swd" in r]
     assert [r["step"] for r in curves] == [2, 4, 6]
-    assert all(r["eval/swd"] > 0 and 0 < r["eval/msssim"] <= 1 for r in curves)
+    assert all(r["eval/swd"] > 0 and 0 < r["eval/msssim"] <= 1 for r in curves), curves
     best = trainer.state.best
     assert best["metric"] == "swd" and best["value"] == min(r["eval/swd"] for r in curves)
     assert is_complete(out / "best")

@@ -67,6 +67,24 @@ def test_signal_mid_run_saves_exits_resumable_and_resumes_exactly(image_folder, 
     assert_identical(final_weights(out), reference_run)
 
 
+def test_interrupt_mid_step_undoes_the_step_and_resumes_exactly(image_folder, tmp_path, reference_run, caplog):
+    """A signal during step 13's D forward: steps 1-12 are saved at once, step 13 is redone on resume."""
+    out = tmp_path / "run"
+    trainer = make_trainer(image_folder, out, "train.steps=40", "checkpoint.every=5")
+
+    def signal_during_step_13(module, inputs, output):
+        if trainer.state.step == 12:
+            trainer.interrupt.signum = signal.SIGUSR1  # what the installed handler does
+
+    trainer.discriminator.register_forward_hook(signal_during_step_13)
+    with caplog.at_level("WARNING", logger="hpcgan"):
+        assert trainer.fit() == EXIT_INTERRUPTED
+    assert "during the step after step 12" in caplog.text
+    assert CheckpointManager(out / "checkpoints", keep=3).complete_steps()[-1] == 12
+    assert make_trainer(image_folder, out, "train.steps=40", "checkpoint.every=5").fit() == 0
+    assert_identical(final_weights(out), reference_run)
+
+
 def test_incomplete_checkpoint_is_ignored_and_previous_used(image_folder, tmp_path, reference_run):
     out = tmp_path / "run"
     assert make_trainer(image_folder, out, "train.steps=20", "checkpoint.every=5").fit() == 0

@@ -2,8 +2,8 @@
 
 Restore is timed as resume does it: a fresh Trainer on the run folder finds the latest checkpoint and
 loads it (`fit()` with nothing left to train returns right after). The interrupt is measured on a real
-`hpcgan train` process: SIGUSR1 is sent just after a step's log line, so the process must finish nearly a
-whole step, save and exit: the worst case a scheduler's grace period has to cover.
+`hpcgan train` process, at several moments of a step; the slowest is what a scheduler's grace period
+has to cover.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -41,10 +42,22 @@ def save_and_restore(trainer: Trainer) -> dict[str, float]:
     return {"save_s": save_s, "restore_s": restore_s, "mb": folder_mb(path), "step": trainer.state.step}
 
 
-def signal_to_exit(cfg: Config, run_dir: Path, after_steps: int = 2,
-                   timeout: float = 600.0) -> dict[str, float | int | str]:
-    """Train `cfg` in an `hpcgan train` process; SIGUSR1 right after step `after_steps` is logged (past the
-    first steps, which are slower while the process's memory warms up); time from the signal to exit."""
+def signal_to_exit(cfg: Config, run_dir: Path, phases: list[float], after_steps: int = 2,
+                   timeout: float = 600.0) -> dict[str, Any]:
+    """Interrupt one `hpcgan train` process per phase; the slowest trial is the figure.
+
+    A phase is a fraction of a step: SIGUSR1 goes out that long (by the previous step's time) after step
+    `after_steps` is logged, past the first steps, which are slower while the process's memory warms up.
+    Early in a step the trainer undoes it and saves at once; past D's update it must finish the step.
+    """
+    trials = [_interrupt_once(cfg, run_dir.with_name(f"{run_dir.name}-{i}"), phase, after_steps, timeout)
+              for i, phase in enumerate(phases)]
+    seconds = [t["signal_to_exit_s"] for t in trials]
+    return {"signal_to_exit_s": max(seconds), "median_s": statistics.median(seconds), "exit_code": EXIT_INTERRUPTED,
+            "step_s": statistics.median(t["step_s"] for t in trials), "trials": trials}
+
+
+def _interrupt_once(cfg: Config, run_dir: Path, phase: float, after_steps: int, timeout: float) -> dict[str, Any]:
     settings = {**_non_defaults(cfg), "train.steps": 1_000_000, "train.log_every": 1,
                 "train.sample_every": 1_000_000, "checkpoint.every": 1_000_000, "track.enabled": False}
     cmd = [sys.executable, "-m", "hpcgan", "train", "--out", str(run_dir),
@@ -55,10 +68,13 @@ def signal_to_exit(cfg: Config, run_dir: Path, after_steps: int = 2,
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             deadline = time.monotonic() + timeout
-            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= after_steps):
+            while not (metrics.exists() and len(lines := metrics.read_text().splitlines()) >= after_steps):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"hpcgan train ended or stalled before step {after_steps}; see {log_file}")
                 time.sleep(0.005)
+            logged = json.loads(lines[-1])
+            step_s = cfg.train.batch_size / logged["images_per_s"]
+            time.sleep(phase * step_s)
             start = time.perf_counter()
             proc.send_signal(signal.SIGUSR1)
             code = proc.wait(timeout=timeout)
@@ -70,9 +86,9 @@ def signal_to_exit(cfg: Config, run_dir: Path, after_steps: int = 2,
     latest = CheckpointManager(run_dir / "checkpoints", keep=1).latest()
     if code != EXIT_INTERRUPTED or latest is None or not is_complete(latest):
         raise RuntimeError(f"hpcgan train exited {code} without a complete checkpoint; see {log_file}")
-    last = json.loads(metrics.read_text().splitlines()[-1])  # the step the signal arrived in
-    return {"signal_to_exit_s": elapsed, "exit_code": code, "checkpoint": latest.name, "step": last["step"],
-            "step_s": cfg.train.batch_size / last["images_per_s"]}
+    saved = CheckpointManager.read_state(latest)["step"]
+    return {"phase": phase, "signal_to_exit_s": elapsed, "step_s": step_s, "checkpoint": latest.name,
+            "step_undone": saved == logged["step"]}
 
 
 def _non_defaults(cfg: Config) -> dict[str, Any]:

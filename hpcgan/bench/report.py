@@ -138,8 +138,10 @@ def table(result: dict[str, Any], targets: list[Target]) -> str:
         lines += ["", f"Checkpoint: save {c['save_s']:.2f} s, restore {c['restore_s']:.2f} s, {c['mb']:.1f} MB"]
     if "signal_to_exit_s" in result.get("interrupt", {}):
         i = result["interrupt"]
-        lines.append(f"Interrupt: SIGUSR1 -> exit {i['exit_code']} in {i['signal_to_exit_s']:.2f} s "
-                     f"(its step {i['step']} took {i['step_s']:.2f} s; {i['checkpoint']} complete)")
+        trials = ", ".join(f"{t['signal_to_exit_s']:.2f} s at {t['phase']:.0%}"
+                           f"{' (step undone)' if t['step_undone'] else ''}" for t in i["trials"])
+        lines.append(f"Interrupt: SIGUSR1 -> exit {i['exit_code']} with a complete checkpoint, worst "
+                     f"{i['signal_to_exit_s']:.2f} s (signal at a fraction of a {i['step_s']:.2f} s step: {trials})")
     scaling = result.get("scaling", {})
     if "efficiency" in scaling:
         lines.append(f"Weak scaling, gloo, 1 thread per process, batch {scaling['batch_per_process']} per process: "

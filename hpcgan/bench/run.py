@@ -19,9 +19,10 @@ from hpcgan.config import ConfigError
 
 STAGES = ("readers", "checkpoint", "interrupt", "scaling")
 MODES = {  # quick: CI on 2 CPU cores in a few minutes; full: the documented run (hours on 2 CPU cores)
-    "quick": {"resolutions": [64], "batches": [128], "warmup": 1, "steps": 2, "repeats": 2, "reader_batches": 10},
+    "quick": {"resolutions": [64], "batches": [128], "warmup": 1, "steps": 2, "repeats": 2, "reader_batches": 10,
+              "interrupt_phases": [0.0, 0.7]},
     "full": {"resolutions": [64, 128], "batches": [128, 512], "warmup": 1, "steps": 3, "repeats": 3,
-             "reader_batches": 40},
+             "reader_batches": 40, "interrupt_phases": [0.0, 0.25, 0.5, 0.75]},
 }
 
 
@@ -35,6 +36,7 @@ class Plan:
     steps: int
     repeats: int
     reader_batches: int
+    interrupt_phases: list[float]  # when in a step the interrupt arrives, as fractions of the step
     skip: frozenset[str]
     compile: bool
     peaks: dict[str, float]

@@ -202,8 +202,9 @@ class Suite:
         if "interrupt" in self.plan.skip:
             self.result["interrupt"] = {"skipped": "--skip interrupt"}
             return
-        self.progress("interrupt: SIGUSR1 to a running hpcgan train")
-        self.result["interrupt"] = checkpointing.signal_to_exit(self.cfg, self.runs / "interrupt")
+        phases = self.plan.interrupt_phases
+        self.progress(f"interrupt: SIGUSR1 to a running hpcgan train, {len(phases)} times")
+        self.result["interrupt"] = checkpointing.signal_to_exit(self.cfg, self.runs / "interrupt", phases)
 
     def scaling(self) -> None:
         train = self.result["train"]

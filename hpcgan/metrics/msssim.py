@@ -74,7 +74,9 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     factors = []
     for scale in range(scales):
         full, cs = _ssim_terms(x, y)
-        factors.append((full if scale == scales - 1 else cs).clamp_min(0))
+        # Both terms lie in [0, 1] in exact arithmetic (negatives: anti-correlated, treated as 0); rounding
+        # would push identical images (a collapsed G) just above 1.
+        factors.append((full if scale == scales - 1 else cs).clamp(0, 1))
         if scale < scales - 1:
             x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
     return torch.stack(factors, dim=1).pow(weights).prod(dim=1)

@@ -16,6 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 STAT_NAMES = ("loss_d", "loss_g", "d_real", "d_fake", "d_fake_g")
 EXIT_DONE = 0
+
+
+class StepAborted(Exception):
+    """An interrupt arrived before the step changed any weights; the step has been undone."""
 
 
 @dataclass
@@ -159,6 +164,12 @@ class Trainer:
                                       milestones=cfg.checkpoint.milestones, rank=self.rank,
                                       barrier=self.acc.wait_for_everyone)
         self.interrupt = InterruptFlag()
+        # One CPU process runs a step synchronously for seconds; an interrupt that arrives before D's
+        # update undoes the step and saves at once rather than finishing it, halving the worst-case
+        # signal-to-exit time. On a GPU the host is ahead of the device anyway, and several ranks would
+        # have to agree mid-step.
+        self._abortable = self.device.type == "cpu" and self.world == 1
+        self._buffers = [*generator.buffers(), *discriminator.buffers()]
         self._saved_step = -1
         self.tracker = None
         self.metrics = None
@@ -206,8 +217,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def step(self) -> torch.Tensor:
-        """Take the next batch, update D then G, advance the counters; returns device-side statistics."""
-        stats = self._train_step(self.source.next_batch())
+        """Take the next batch, update D then G, advance the counters; returns device-side statistics.
+
+        Raises StepAborted, with the trainer back at the previous step boundary, when an interrupt
+        arrives before D's update on an abortable (single CPU process) trainer.
+        """
+        start = self._step_start() if self._abortable else None
+        try:
+            stats = self._train_step(self.source.next_batch())
+        except StepAborted:
+            self._undo_step(start)
+            raise
         self.state.step += 1
         self.state.images_seen += self.cfg.train.batch_size
         return stats
@@ -218,10 +238,13 @@ class Trainer:
         z = torch.randn(real.shape[0], self.cfg.model.nz, device=self.device)
         self.opt_d.zero_grad(set_to_none=True)
         fake = self.G(z)
+        self._abort_point()
         real_logits = self.D(real)
         fake_logits = self.D(fake.detach())
+        self._abort_point()
         loss_d = d_loss(real_logits, fake_logits)
         self.acc.backward(loss_d)
+        self._abort_point()  # the last one: from D's update on, the step runs to its end
         self.opt_d.step()
 
         self.opt_g.zero_grad(set_to_none=True)
@@ -236,6 +259,22 @@ class Trainer:
             return torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(real_logits.float()).mean(),
                                 torch.sigmoid(fake_logits.float()).mean(),
                                 torch.sigmoid(fake_logits_g.float()).mean()])
+
+    def _abort_point(self) -> None:
+        if self._abortable and self.interrupt:
+            raise StepAborted
+
+    def _step_start(self) -> tuple[dict, dict, list[torch.Tensor]]:
+        """What a step changes before D's update: data position, RNG, BatchNorm statistics."""
+        return self.source.state_dict(), capture_rng(), [b.clone() for b in self._buffers]
+
+    @torch.no_grad()
+    def _undo_step(self, start: tuple[dict, dict, list[torch.Tensor]]) -> None:
+        data, rng, buffers = start
+        self.source.load_state_dict(data)
+        restore_rng(rng)
+        torch._foreach_copy_(self._buffers, buffers)
+        self.opt_d.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ side effects
     def _should_stop(self) -> bool:
@@ -367,7 +406,10 @@ class Trainer:
         milestones = set(ccfg.milestones)
         compiling = tcfg.compile
         while self.state.step < self.total_steps:
-            stats_sum += self.step()
+            try:
+                stats_sum += self.step()
+            except StepAborted:
+                return self._exit_interrupted(progress, undone=True)
             n_stats += 1
             step = self.state.step
             if compiling:  # reported on its own, and kept out of images/s
@@ -401,15 +443,7 @@ class Trainer:
             if step % ccfg.every == 0 or step in milestones:
                 self.save_checkpoint()
             if step < self.total_steps and self._should_stop():
-                if progress is not None:
-                    progress.close()
-                self.save_checkpoint()
-                if self.is_main:
-                    log.warning("interrupted by signal %s at step %d: checkpoint saved, exiting with %d "
-                                "(resumable)", self.interrupt.signum, step, EXIT_INTERRUPTED)
-                if self.tracker:
-                    self.tracker.close(status="KILLED")
-                return EXIT_INTERRUPTED
+                return self._exit_interrupted(progress, undone=False)
         if progress is not None:
             progress.close()
         self.save_checkpoint()
@@ -422,6 +456,18 @@ class Trainer:
         if self.is_main:
             log.info("done: step %d, run folder %s", self.state.step, self.files.root)
         return EXIT_DONE
+
+    def _exit_interrupted(self, progress: Any, undone: bool) -> int:
+        if progress is not None:
+            progress.close()
+        self.save_checkpoint()
+        if self.is_main:
+            log.warning("interrupted by signal %s %s step %d: checkpoint saved, exiting with %d (resumable)",
+                        self.interrupt.signum, "during the step after" if undone else "at", self.state.step,
+                        EXIT_INTERRUPTED)
+        if self.tracker:
+            self.tracker.close(status="KILLED")
+        return EXIT_INTERRUPTED
 
 
 def release_distributed() -> None:
