@@ -48,7 +48,7 @@ class TrainConfig:
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (GPU: bf16, else fp16; CPU: fp32) | no | bf16 | fp16
     ema: bool = True
     ema_decay: float = 0.999
     log_every: int = 50  # steps between host syncs for logging
@@ -104,7 +104,7 @@ class Config:
         choices = {
             "model.arch": (self.model.arch, {"dcgan"}),
             "data.reader": (self.data.reader, {"auto", "memory", "webdataset", "dali"}),
-            "train.mixed_precision": (self.train.mixed_precision, {"no", "bf16", "fp16"}),
+            "train.mixed_precision": (self.train.mixed_precision, {"auto", "no", "bf16", "fp16"}),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:

@@ -16,6 +16,7 @@ from hpcgan.cli import main
 from hpcgan.config import build_config
 from hpcgan.train import EXIT_INTERRUPTED, Trainer
 from hpcgan.train.checkpoint import MARKER, CheckpointManager
+from hpcgan.train.precision import resolve_mixed_precision
 
 from conftest import TINY, assert_identical, cli_env, final_weights, hpcgan_cmd, run_cli
 
@@ -206,6 +207,15 @@ def test_foreign_checkpoint_is_refused_without_damage(capsys, image_folder, tmp_
     code, err = train_cli(capsys, image_folder, out, "train.steps=4")
     assert code == 2 and "does not match this model" in err and "step-0000002" in err
     assert (ckpt / "model.pt").exists()
+
+
+def test_auto_precision_is_bf16_or_fp16_on_gpus_and_fp32_on_cpu(image_folder, tmp_path):
+    assert resolve_mixed_precision("auto", "cuda", cuda_bf16=True) == "bf16"
+    assert resolve_mixed_precision("auto", "cuda", cuda_bf16=False) == "fp16"
+    assert resolve_mixed_precision("auto", "cpu") == "no"
+    assert resolve_mixed_precision("bf16", "cpu") == "bf16"  # an explicit choice is kept
+    trainer = make_trainer(image_folder, tmp_path / "run")
+    assert trainer.cfg.train.mixed_precision == "auto" and trainer.acc.mixed_precision == "no"
 
 
 def test_fp16_on_cpu_is_refused_with_the_alternative(capsys, image_folder, tmp_path):

@@ -1,10 +1,11 @@
 """The benchmark's stages in order, filling one JSON-ready result.
 
-Order matters for fairness and cost: the matmul limit is taken at the start and again at the end (its
-median stands for the run); the training loops of each configuration run interleaved, each in its own
-process (`worker`); the checkpoint is taken from the headline configuration's trained defaults before
-their process ends; readers,
-the interrupt and the scaling runs come last, each alone on the machine.
+Order matters for fairness and cost: the training loops of each configuration run interleaved, each in
+its own process (`worker`), and after every repeat the matmul limit is sampled in this process, so a
+loop's fraction of it is paired under the same load (the samples, with those taken at the start and the
+end, make the run's matmul figure); the checkpoint is taken from the headline configuration's trained
+defaults before their process ends; readers, the interrupt and the scaling runs come last, each alone on
+the machine.
 """
 
 from __future__ import annotations
@@ -53,16 +54,21 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _loops(measured: dict[str, Measured], chosen: list[tuple[Variant, Config]], per_image: float,
-           peaks: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Per loop: images/s summary, FLOP/s, MFU, and the ratio to the reference: the median over repeats of
-    the ratio within each repeat, as the loops of one repeat ran back to back under the same load."""
+def _loops(measured: dict[str, Measured], chosen: list[tuple[Variant, Config]], per_image: dict[str, float],
+           peaks: dict[str, float], matmul: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Per loop: images/s summary, FLOP/s, MFU, and two paired figures, each the median over repeats of a
+    ratio within one repeat, as the loops and the matmul of one repeat ran back to back under the same
+    load: the ratio to the reference, and the fraction of the matmul limit (`matmul`: one per repeat)."""
     ref = measured[REFERENCE]
     configs = {variant.name: (variant, cfg) for variant, cfg in chosen}
     loops = {}
     for name, m in measured.items():
-        loop: dict[str, Any] = {"name": name, **m.summary(), "tflops": m.median * per_image / 1e12,
-                                "precision": precision(configs[name][1]) if name in configs else "fp32"}
+        prec = precision(configs[name][1]) if name in configs else "fp32"
+        flops = per_image["reference" if name == REFERENCE else "hpcgan"]
+        loop: dict[str, Any] = {"name": name, **m.summary(), "tflops": m.median * flops / 1e12, "precision": prec}
+        if prec in matmul[0]:
+            loop["fraction_of_matmul_peak"] = statistics.median(
+                run * flops / 1e12 / limits[prec] for run, limits in zip(m.runs, matmul))
         if name in configs:
             paired = [a / b for a, b in zip(m.runs, ref.runs)]  # same repeat, same load: drift cancels
             loop.update(ratio_vs_reference=statistics.median(paired), ratio_min=min(paired), ratio_max=max(paired),
@@ -135,6 +141,15 @@ class Suite:
         self.result["matmul"] = {p: {"tflops": statistics.median(runs), "runs": runs, "size": self.matmul_size}
                                  for p, runs in self._matmul_runs.items()}
 
+    def matmul_sample(self) -> dict[str, float]:
+        """One matmul figure per precision, taken between two repeats of the training loops."""
+        sample = {}
+        for name, dtype in self.precisions.items():
+            runs = matmul_tflops(self.device, dtype, self.matmul_size)
+            self._matmul_runs[name] += runs
+            sample[name] = statistics.median(runs)
+        return sample
+
     def train(self, images: BenchImages, batch: int) -> None:
         res, plan = images.resolution, self.plan
         base = build_config(overrides=[f"data.path={images.path}", f"model.resolution={res}",
@@ -158,10 +173,13 @@ class Suite:
                 loops[name] = LoopProcess(spec, self.runs / f"{res}-{batch}-{i}.log")
             for loop in loops.values():
                 loop.receive()  # ready: all started together, so their imports overlap
-            measured = interleave(loops, warmup=plan.warmup, steps=plan.steps, repeats=plan.repeats)
+            matmul: list[dict[str, float]] = []
+            measured = interleave(loops, warmup=plan.warmup, steps=plan.steps, repeats=plan.repeats,
+                                  after_repeat=lambda: matmul.append(self.matmul_sample()))
+            flops = {"hpcgan": per_image, "reference": reference_per_image}
             self.result["configs"].append({"resolution": res, "batch": batch, "flops_per_image": per_image,
-                                           "reference_flops_per_image": reference_per_image,
-                                           "loops": _loops(measured, chosen, per_image, self.peaks)})
+                                           "reference_flops_per_image": reference_per_image, "matmul_per_repeat": matmul,
+                                           "loops": _loops(measured, chosen, flops, self.peaks, matmul)})
             if (res, batch) == plan.headline:
                 self.images, self.cfg = images, base
                 if "checkpoint" not in plan.skip:
@@ -172,12 +190,7 @@ class Suite:
                 loop.close()
 
     def headline(self) -> None:
-        """The contract's single figures, from the headline configuration, and FLOP/s against the matmul."""
-        matmul = self.result["matmul"]
-        for config in self.result["configs"]:
-            for loop in config["loops"].values():
-                if loop["precision"] in matmul:
-                    loop["fraction_of_matmul_peak"] = loop["tflops"] / matmul[loop["precision"]]["tflops"]
+        """The contract's single figures, from the headline configuration."""
         res, batch = self.plan.headline
         head = next(c for c in self.result["configs"] if (c["resolution"], c["batch"]) == (res, batch))
         defaults = head["loops"][DEFAULTS]

@@ -11,6 +11,7 @@ training.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +20,7 @@ import torch
 
 from hpcgan.bench.reference import ReferenceDCGAN
 from hpcgan.config import Config, build_config, flatten, to_dict
+from hpcgan.train.precision import mixed_precision_here
 
 REFERENCE = "reference (dcgan/main.py)"
 DEFAULTS = "hpcgan (defaults)"
@@ -57,6 +59,7 @@ def resolve(base: Config, chosen: list[Variant]) -> list[tuple[Variant, Config]]
     for variant in chosen:
         cfg = build_config(base=to_dict(base), overrides=list(variant.overrides))
         settings = {k: v for k, v in flatten(cfg).items() if k.startswith("train.")}
+        settings["train.mixed_precision"] = precision(cfg)  # auto is whatever it resolves to here
         if settings not in seen:
             seen.append(settings)
             out.append((variant, cfg))
@@ -64,7 +67,9 @@ def resolve(base: Config, chosen: list[Variant]) -> list[tuple[Variant, Config]]
 
 
 def precision(cfg: Config) -> str:
-    return "fp32" if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision
+    """The precision a Trainer in this process runs `cfg` in, named as the peak tables name it."""
+    resolved = mixed_precision_here(cfg.train.mixed_precision)
+    return "fp32" if resolved == "no" else resolved
 
 
 class Loop(Protocol):
@@ -98,7 +103,9 @@ class Measured:
                 "spread": (max(self.runs) - min(self.runs)) / self.median, "runs": self.runs}
 
 
-def interleave(loops: dict[str, Loop], *, warmup: int, steps: int, repeats: int) -> dict[str, Measured]:
+def interleave(loops: dict[str, Loop], *, warmup: int, steps: int, repeats: int,
+               after_repeat: Callable[[], None] = lambda: None) -> dict[str, Measured]:
+    """`after_repeat` runs once per repeat, under the same load, e.g. to sample the matmul limit."""
     for loop in loops.values():
         loop.warmup(warmup)
     results = {name: Measured() for name in loops}
@@ -106,4 +113,5 @@ def interleave(loops: dict[str, Loop], *, warmup: int, steps: int, repeats: int)
     for repeat in range(repeats):
         for name in order if repeat % 2 == 0 else order[::-1]:
             results[name].runs.append(loops[name].images_per_s(steps))
+        after_repeat()
     return results

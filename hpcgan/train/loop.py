@@ -31,6 +31,7 @@ from hpcgan.models import build_models
 from hpcgan.models.losses import d_loss, g_loss
 from hpcgan.train.checkpoint import CheckpointError, CheckpointManager, load_torch, step_dir_name
 from hpcgan.train.samples import generate, save_grid
+from hpcgan.train.precision import mixed_precision_here
 from hpcgan.train.signals import EXIT_INTERRUPTED, InterruptFlag
 from hpcgan.train.state import TrainState, capture_rng, restore_rng, seed_everything
 
@@ -114,9 +115,10 @@ class Trainer:
         # Accelerate keeps mixed precision in a process-wide singleton; each Trainer sets its own
         # (the distributed state is kept), so fp32 and bf16 trainers can live in one process.
         AcceleratorState._reset_state(reset_partial_state=False)
-        self.acc = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=not torch.cuda.is_available(),
+        self.precision = mixed_precision_here(tcfg.mixed_precision)
+        self.acc = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available(),
                                kwargs_handlers=handlers)
-        if tcfg.mixed_precision == "fp16" and self.acc.scaler is None:
+        if self.precision == "fp16" and self.acc.scaler is None:
             raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (its loss scaler); "
                               "on CPU use train.mixed_precision=bf16")
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
@@ -248,10 +250,14 @@ class Trainer:
         self.opt_d.step()
 
         self.opt_g.zero_grad(set_to_none=True)
-        with self.acc.no_sync(self.D):  # D's gradients from the G step are discarded: skip their all-reduce
+        # D's weight gradients from the G step would be discarded: neither computed (a third of D's
+        # backward) nor all-reduced. Only the gradient w.r.t. D's input flows back into G.
+        self.discriminator.requires_grad_(False)
+        with self.acc.no_sync(self.D):
             fake_logits_g = self.D(fake)
-        loss_g = g_loss(fake_logits_g)
-        self.acc.backward(loss_g)
+            loss_g = g_loss(fake_logits_g)
+            self.acc.backward(loss_g)
+        self.discriminator.requires_grad_(True)
         self.opt_g.step()
         if self.ema:
             self.ema.update(self.state.step)
@@ -329,7 +335,7 @@ class Trainer:
             run_id = json.loads(self.files.tracking.read_text()).get("run_id")
         tcfg = self.cfg.track
         self.tracker = Tracker(uri=tcfg.uri, experiment=tcfg.experiment, run_name=tcfg.run_name or self.files.root.name,
-                               params=flatten(self.cfg), tags=run_tags(), run_id=run_id,
+                               params=flatten(self.cfg), tags={**run_tags(), "precision": self.precision}, run_id=run_id,
                                flush_every_s=tcfg.flush_every_s)
         self.state.mlflow_run_id = self.tracker.run_id
         if self.tracker.run_id:
@@ -382,6 +388,8 @@ class Trainer:
         if self.is_main:
             self.files.root.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.files.config)
+            log.info("training on %s x %d, precision %s (train.mixed_precision=%s)", self.device.type, self.world,
+                     self.precision, self.cfg.train.mixed_precision)
         self._start_tracking()
         if self.tracker and self.state.restarts:
             self.tracker.log_metrics({"restarts": self.state.restarts}, self.state.step)
