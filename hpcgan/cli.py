@@ -137,7 +137,10 @@ def entry() -> NoReturn:
     code = main()
     if code == EXIT_INTERRUPTED:
         logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed or broken pipe: nothing left to say there
+                pass
         os._exit(code)
     sys.exit(code)

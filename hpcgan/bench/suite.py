@@ -178,7 +178,8 @@ class Suite:
                                   after_repeat=lambda: matmul.append(self.matmul_sample()))
             flops = {"hpcgan": per_image, "reference": reference_per_image}
             self.result["configs"].append({"resolution": res, "batch": batch, "flops_per_image": per_image,
-                                           "reference_flops_per_image": reference_per_image, "matmul_per_repeat": matmul,
+                                           "reference_flops_per_image": reference_per_image,
+                                           "matmul_per_repeat": matmul,
                                            "loops": _loops(measured, chosen, flops, self.peaks, matmul)})
             if (res, batch) == plan.headline:
                 self.images, self.cfg = images, base

@@ -20,7 +20,7 @@ import torch
 
 from hpcgan.bench.reference import ReferenceDCGAN
 from hpcgan.config import Config, build_config, flatten, to_dict
-from hpcgan.train.precision import mixed_precision_here
+from hpcgan.train.precision import mixed_precision_here, precision_name
 
 REFERENCE = "reference (dcgan/main.py)"
 DEFAULTS = "hpcgan (defaults)"
@@ -68,8 +68,7 @@ def resolve(base: Config, chosen: list[Variant]) -> list[tuple[Variant, Config]]
 
 def precision(cfg: Config) -> str:
     """The precision a Trainer in this process runs `cfg` in, named as the peak tables name it."""
-    resolved = mixed_precision_here(cfg.train.mixed_precision)
-    return "fp32" if resolved == "no" else resolved
+    return precision_name(mixed_precision_here(cfg.train.mixed_precision))
 
 
 class Loop(Protocol):

@@ -173,8 +173,10 @@ class WebDatasetSource:
                                     max(1, min(shuffle_buffer, self.num_images)))
         # Workers live as long as one epoch's iterator (not persistent): dropping the iterator on an
         # error or a resume shuts them down at once, and starting them costs little next to an epoch.
+        # Its own generator: each iter() draws a base seed, which must not come from the global RNG that
+        # the trainer's noise comes from, or a run resumed mid-epoch would draw different noise.
         self._loader = DataLoader(self._stream, batch_size=None, collate_fn=_first, num_workers=workers,
-                                  pin_memory=self.device.type == "cuda")
+                                  pin_memory=self.device.type == "cuda", generator=torch.Generator())
         self._iter: Iterator[tuple[int, torch.Tensor] | str] | None = None
         self.epoch, self.batch = 0, 0
         self._flips: torch.Tensor | None = None

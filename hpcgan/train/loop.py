@@ -30,8 +30,8 @@ from hpcgan.data import BatchSource, build_source
 from hpcgan.models import build_models
 from hpcgan.models.losses import d_loss, g_loss
 from hpcgan.train.checkpoint import CheckpointError, CheckpointManager, load_torch, step_dir_name
+from hpcgan.train.precision import mixed_precision_here, precision_name
 from hpcgan.train.samples import generate, save_grid
-from hpcgan.train.precision import mixed_precision_here
 from hpcgan.train.signals import EXIT_INTERRUPTED, InterruptFlag
 from hpcgan.train.state import TrainState, capture_rng, restore_rng, seed_everything
 
@@ -42,7 +42,11 @@ EXIT_DONE = 0
 
 
 class StepAborted(Exception):
-    """An interrupt arrived before the step changed any weights; the step has been undone."""
+    """An interrupt arrived before the step changed any weights; the step has been undone but for the
+    data reader, which stays ahead (rewinding DALI or webdataset workers costs seconds): `data` is its
+    position at the step's start, the one to save."""
+
+    data: dict[str, Any]
 
 
 @dataclass
@@ -221,15 +225,22 @@ class Trainer:
     def step(self) -> torch.Tensor:
         """Take the next batch, update D then G, advance the counters; returns device-side statistics.
 
-        Raises StepAborted, with the trainer back at the previous step boundary, when an interrupt
-        arrives before D's update on an abortable (single CPU process) trainer.
+        Raises StepAborted, with weights, BatchNorm statistics and RNG back at the previous step boundary,
+        when an interrupt arrives before D's update on an abortable (single CPU process) trainer.
         """
-        start = self._step_start() if self._abortable else None
-        try:
+        if not self._abortable:
             stats = self._train_step(self.source.next_batch())
-        except StepAborted:
-            self._undo_step(start)
-            raise
+        else:
+            data, rng, buffers = self.source.state_dict(), capture_rng(), [b.clone() for b in self._buffers]
+            try:
+                stats = self._train_step(self.source.next_batch())
+            except StepAborted as aborted:
+                restore_rng(rng)
+                with torch.no_grad():
+                    torch._foreach_copy_(self._buffers, buffers)
+                self.opt_d.zero_grad(set_to_none=True)
+                aborted.data = data
+                raise
         self.state.step += 1
         self.state.images_seen += self.cfg.train.batch_size
         return stats
@@ -253,11 +264,13 @@ class Trainer:
         # D's weight gradients from the G step would be discarded: neither computed (a third of D's
         # backward) nor all-reduced. Only the gradient w.r.t. D's input flows back into G.
         self.discriminator.requires_grad_(False)
-        with self.acc.no_sync(self.D):
-            fake_logits_g = self.D(fake)
-            loss_g = g_loss(fake_logits_g)
-            self.acc.backward(loss_g)
-        self.discriminator.requires_grad_(True)
+        try:
+            with self.acc.no_sync(self.D):
+                fake_logits_g = self.D(fake)
+                loss_g = g_loss(fake_logits_g)
+                self.acc.backward(loss_g)
+        finally:
+            self.discriminator.requires_grad_(True)
         self.opt_g.step()
         if self.ema:
             self.ema.update(self.state.step)
@@ -270,18 +283,6 @@ class Trainer:
         if self._abortable and self.interrupt:
             raise StepAborted
 
-    def _step_start(self) -> tuple[dict, dict, list[torch.Tensor]]:
-        """What a step changes before D's update: data position, RNG, BatchNorm statistics."""
-        return self.source.state_dict(), capture_rng(), [b.clone() for b in self._buffers]
-
-    @torch.no_grad()
-    def _undo_step(self, start: tuple[dict, dict, list[torch.Tensor]]) -> None:
-        data, rng, buffers = start
-        self.source.load_state_dict(data)
-        restore_rng(rng)
-        torch._foreach_copy_(self._buffers, buffers)
-        self.opt_d.zero_grad(set_to_none=True)
-
     # ------------------------------------------------------------------ side effects
     def _should_stop(self) -> bool:
         """All ranks agree on an interrupt; across ranks only every `sync_every` steps (a host sync)."""
@@ -293,11 +294,12 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, data: dict[str, Any] | None = None) -> Path:
+        """Commit the current step; `data`: the reader's position when it is not the reader's own."""
         if self._saved_step == self.state.step:
             return self.ckpt.root / step_dir_name(self.state.step)
         self._saved_step = self.state.step
-        self.state.data = self.source.state_dict()
+        self.state.data = data if data is not None else self.source.state_dict()
         shared = {}
         if self.is_main:
             shared = {
@@ -334,8 +336,9 @@ class Trainer:
         if run_id is None and self.files.tracking.exists():
             run_id = json.loads(self.files.tracking.read_text()).get("run_id")
         tcfg = self.cfg.track
+        tags = {**run_tags(), "precision": precision_name(self.precision)}
         self.tracker = Tracker(uri=tcfg.uri, experiment=tcfg.experiment, run_name=tcfg.run_name or self.files.root.name,
-                               params=flatten(self.cfg), tags={**run_tags(), "precision": self.precision}, run_id=run_id,
+                               params=flatten(self.cfg), tags=tags, run_id=run_id,
                                flush_every_s=tcfg.flush_every_s)
         self.state.mlflow_run_id = self.tracker.run_id
         if self.tracker.run_id:
@@ -388,8 +391,8 @@ class Trainer:
         if self.is_main:
             self.files.root.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.files.config)
-            log.info("training on %s x %d, precision %s (train.mixed_precision=%s)", self.device.type, self.world,
-                     self.precision, self.cfg.train.mixed_precision)
+            log.info("training on %s x %d in %s (train.mixed_precision=%s)", self.device.type, self.world,
+                     precision_name(self.precision), self.cfg.train.mixed_precision)
         self._start_tracking()
         if self.tracker and self.state.restarts:
             self.tracker.log_metrics({"restarts": self.state.restarts}, self.state.step)
@@ -416,8 +419,8 @@ class Trainer:
         while self.state.step < self.total_steps:
             try:
                 stats_sum += self.step()
-            except StepAborted:
-                return self._exit_interrupted(progress, undone=True)
+            except StepAborted as aborted:
+                return self._exit_interrupted(progress, data=aborted.data)
             n_stats += 1
             step = self.state.step
             if compiling:  # reported on its own, and kept out of images/s
@@ -451,7 +454,7 @@ class Trainer:
             if step % ccfg.every == 0 or step in milestones:
                 self.save_checkpoint()
             if step < self.total_steps and self._should_stop():
-                return self._exit_interrupted(progress, undone=False)
+                return self._exit_interrupted(progress)
         if progress is not None:
             progress.close()
         self.save_checkpoint()
@@ -465,14 +468,15 @@ class Trainer:
             log.info("done: step %d, run folder %s", self.state.step, self.files.root)
         return EXIT_DONE
 
-    def _exit_interrupted(self, progress: Any, undone: bool) -> int:
+    def _exit_interrupted(self, progress: Any, data: dict[str, Any] | None = None) -> int:
+        """Save and report; with `data` (an aborted step's start) the trainer is left for exit only."""
         if progress is not None:
             progress.close()
-        self.save_checkpoint()
+        self.save_checkpoint(data)
         if self.is_main:
             log.warning("interrupted by signal %s %s step %d: checkpoint saved, exiting with %d (resumable)",
-                        self.interrupt.signum, "during the step after" if undone else "at", self.state.step,
-                        EXIT_INTERRUPTED)
+                        self.interrupt.signum, "during the step after" if data is not None else "at",
+                        self.state.step, EXIT_INTERRUPTED)
         if self.tracker:
             self.tracker.close(status="KILLED")
         return EXIT_INTERRUPTED

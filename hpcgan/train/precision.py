@@ -24,4 +24,10 @@ def mixed_precision_here(requested: str) -> str:
     """`resolve_mixed_precision` for the device a Trainer in this process trains on."""
     if not torch.cuda.is_available():
         return resolve_mixed_precision(requested, "cpu")
-    return resolve_mixed_precision(requested, "cuda", torch.cuda.is_bf16_supported())
+    # Pre-Ampere GPUs "support" bf16 only by emulation, far slower than fp16: they get fp16.
+    return resolve_mixed_precision(requested, "cuda", torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def precision_name(mixed_precision: str) -> str:
+    """How logs, tags and benchmark tables name a resolved precision: fp32, bf16 or fp16."""
+    return "fp32" if mixed_precision == "no" else mixed_precision
