@@ -127,6 +127,10 @@ def table(result: dict[str, Any], targets: list[Target]) -> str:
                          f"{_fmt(loop.get('mfu'), '.1%'):>6}")
         lines.append(f"{'':>11} counted FLOPs per training image: hpcgan {config['flops_per_image'] / 1e9:.3f} GFLOP, "
                      f"reference {config['reference_flops_per_image'] / 1e9:.3f} GFLOP")
+        warmups = [f"{name} {loop['warmup_s']:.1f} s" for name, loop in config["loops"].items()
+                   if loop.get("warmup_s") is not None]
+        if warmups:
+            lines.append(f"{'':>11} untimed warm-up (torch.compile's compilation included): " + ", ".join(warmups))
     if result.get("readers"):
         demand, res = result["readers_demand_images_per_s"], result["train"]["resolution"]
         lines += ["", f"Readers at {res}px (images/s; trainer demand {demand:.1f} images/s, fastest hpcgan loop)"]

@@ -74,7 +74,9 @@ def precision(cfg: Config) -> str:
 class Loop(Protocol):
     """A training loop that can be told to take steps (hpcgan.bench.worker.LoopProcess)."""
 
-    def warmup(self, steps: int) -> None: ...
+    def warmup(self, steps: int) -> float | None:
+        """Seconds the warm-up steps took, compilation included; None for no warm-up."""
+        ...
 
     def images_per_s(self, steps: int) -> float:
         """Take `steps` steps, timed from the first to a device sync after the last."""
@@ -92,6 +94,7 @@ def reference_for(cfg: Config, root: Path, device: torch.device, workers: int = 
 @dataclass
 class Measured:
     runs: list[float] = field(default_factory=list)  # images/s, one per repeat
+    warmup_s: float | None = None  # the untimed first steps; with torch.compile, compilation is in here
 
     @property
     def median(self) -> float:
@@ -99,15 +102,14 @@ class Measured:
 
     def summary(self) -> dict[str, float | list[float]]:
         return {"images_per_s": self.median, "min": min(self.runs), "max": max(self.runs),
-                "spread": (max(self.runs) - min(self.runs)) / self.median, "runs": self.runs}
+                "spread": (max(self.runs) - min(self.runs)) / self.median, "runs": self.runs,
+                "warmup_s": self.warmup_s}
 
 
 def interleave(loops: dict[str, Loop], *, warmup: int, steps: int, repeats: int,
                after_repeat: Callable[[], None] = lambda: None) -> dict[str, Measured]:
     """`after_repeat` runs once per repeat, under the same load, e.g. to sample the matmul limit."""
-    for loop in loops.values():
-        loop.warmup(warmup)
-    results = {name: Measured() for name in loops}
+    results = {name: Measured(warmup_s=loop.warmup(warmup)) for name, loop in loops.items()}
     order = list(loops)
     for repeat in range(repeats):
         for name in order if repeat % 2 == 0 else order[::-1]:

@@ -63,9 +63,9 @@ class LoopProcess:
         self._send({"op": op, **args})
         return self.receive()
 
-    def warmup(self, steps: int) -> None:
-        if steps:
-            self.call("steps", n=steps)
+    def warmup(self, steps: int) -> float | None:
+        """Seconds the warm-up took (torch.compile's compilation included), None for no warm-up."""
+        return self.call("steps", n=steps)["seconds"] if steps else None
 
     def images_per_s(self, steps: int) -> float:
         reply = self.call("steps", n=steps)
