@@ -91,6 +91,11 @@ def test_fused_adam_matches_the_for_loop_adam_on_the_same_gradients(image_folder
     assert worst <= 1e-6, f"fused Adam drifts {worst:.2e} from the for-loop Adam"
 
 
+def test_bench_refuses_sizes_given_through_set():
+    proc = run_cli("bench", "--quick", "--set", "train.batch_size=16")
+    assert proc.returncode == 2 and "use --batches instead" in proc.stderr, proc.stderr
+
+
 def test_resize_and_center_crop_follow_torchvision():
     img = Image.new("L", (80, 96))
     resized = resize(img, 64)

@@ -95,7 +95,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     given = {key: getattr(args, key) for key in ("resolutions", "batches", "warmup", "steps", "repeats")}
     settings = {**MODES[mode], **{key: value for key, value in given.items() if value is not None}}
     if settings["warmup"] < 0 or settings["steps"] < 1 or settings["repeats"] < 1:
-        raise ConfigError("hpcgan bench: needs --warmup >= 0, --steps >= 1 and --repeats >= 1")
+        raise ConfigError("needs --warmup >= 0, --steps >= 1 and --repeats >= 1")
+    for key, flag in (("train.batch_size", "--batches"), ("model.resolution", "--resolutions")):
+        if any(override.split("=", 1)[0].strip() == key for override in args.overrides):
+            raise ConfigError(f"--set {key}=... would be hidden under the table's sizes; "
+                              f"use {flag} instead")
     return Plan(mode=mode, data=args.data, skip=frozenset(args.skip) | ({"scaling"} if args.quick else set()),
                 compile=args.compile, peaks=dict(args.peaks), overrides=list(args.overrides), **settings)
 
