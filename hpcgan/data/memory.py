@@ -43,10 +43,10 @@ class MemorySource:
         self.batches_per_epoch = batches_per_epoch(self.num_images, global_batch, "the training set")
         self.image_shape = tuple(images.shape[1:])
         self.device = torch.device(device)
-        if device_resident:
-            self.images = images.to(self.device)
-        else:  # pinned host memory: non-blocking copies overlap the GPU's work
-            self.images = images.pin_memory() if self.device.type == "cuda" else images
+        self.images = images.to(self.device) if device_resident else images
+        # A batch gathered on the host is fresh pageable memory whatever the set's own: it is pinned
+        # itself, so that its non-blocking copy overlaps the GPU's work.
+        self._pin_batches = not device_resident and self.device.type == "cuda"
         self.seed, self.global_batch, self.flip = seed, global_batch, flip
         self.my_slice = rank_slice(global_batch, rank, world)
         self.epoch, self.batch = 0, 0
@@ -62,8 +62,11 @@ class MemorySource:
         if self.batch == self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
             self._plan()
-        x = self.images[self._indices[self.batch]].to(self.device, non_blocking=True)
-        x = to_unit_range(x, None if self._flips is None else self._flips[self.batch])
+        x = self.images[self._indices[self.batch]]
+        if self._pin_batches:
+            x = x.pin_memory()
+        flips = None if self._flips is None else self._flips[self.batch]
+        x = to_unit_range(x.to(self.device, non_blocking=True), flips)
         self.batch += 1
         return x
 
