@@ -19,7 +19,7 @@ from hpcgan.config import ConfigError
 
 STAGES = ("readers", "checkpoint", "interrupt", "scaling")
 MODES = {  # quick: CI on 2 CPU cores in a few minutes; full: the documented run (hours on 2 CPU cores)
-    "quick": {"resolutions": [64], "batches": [128], "warmup": 1, "steps": 2, "repeats": 2, "reader_batches": 10,
+    "quick": {"resolutions": [64], "batches": [128], "warmup": 1, "steps": 2, "repeats": 3, "reader_batches": 10,
               "interrupt_phases": [0.0, 0.7]},
     "full": {"resolutions": [64, 128], "batches": [128, 512], "warmup": 1, "steps": 3, "repeats": 3,
              "reader_batches": 40, "interrupt_phases": [0.0, 0.25, 0.5, 0.75]},
@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "quick 128)")
     parser.add_argument("--warmup", type=int, help="untimed steps per loop before the repeats (default 1)")
     parser.add_argument("--steps", type=int, help="timed steps per repeat (full 3, quick 2)")
-    parser.add_argument("--repeats", type=int, help="interleaved repeats per loop (full 3, quick 2)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats per loop (full 3, quick 3)")
     parser.add_argument("--skip", action="append", default=[], choices=STAGES, help="leave a stage out (repeatable)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compilation)")
     parser.add_argument("--peak-tflops", dest="peaks", action="append", default=[], type=_peak,
