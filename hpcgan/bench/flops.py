@@ -47,16 +47,6 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Native bf16 math (AVX512-BF16/AMX on CPU); elsewhere bf16 is emulated and far slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def peak_tflops(device: torch.device, overrides: dict[str, float]) -> dict[str, float]:
     """Datasheet peaks by precision for this device, replaced by --peak-tflops where given."""
     peaks: dict[str, float] = {}

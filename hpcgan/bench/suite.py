@@ -26,8 +26,7 @@ from typing import Any
 import torch
 
 from hpcgan.bench import checkpointing, scaling
-from hpcgan.bench.flops import (bf16_supported, device_name, flops_per_image, matmul_tflops, peak_tflops,
-                                reference_flops_per_image)
+from hpcgan.bench.flops import device_name, flops_per_image, matmul_tflops, peak_tflops, reference_flops_per_image
 from hpcgan.bench.images import BenchImages, bench_images
 from hpcgan.bench.readers import reader_images_per_s, reader_plan
 from hpcgan.bench.run import Plan
@@ -35,6 +34,7 @@ from hpcgan.bench.throughput import (DEFAULTS, REFERENCE, Measured, Variant, int
                                      resolve, variants)
 from hpcgan.bench.worker import LoopProcess
 from hpcgan.config import Config, build_config, to_dict
+from hpcgan.train.precision import native_bf16
 
 
 def _versions() -> dict[str, str]:
@@ -85,7 +85,7 @@ class Suite:
         shutil.rmtree(self.runs, ignore_errors=True)  # a kept --workdir must not resume old runs
         self.start = time.perf_counter()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.bf16 = bf16_supported(self.device)
+        self.bf16 = native_bf16(self.device)
         self.peaks = peak_tflops(self.device, plan.peaks)
         self.precisions = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if self.bf16 else {})}
         self.matmul_size = 8192 if self.device.type == "cuda" else 2048
