@@ -33,17 +33,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_train_config(args: argparse.Namespace):
     """Defaults <- the run's saved config (on resume) <- --config files <- --data/--set."""
-    from hpcgan.config import build_config, read_yaml
+    from hpcgan.config import build_config
+    from hpcgan.train.run_folder import RunFolder
 
-    saved = Path(args.out) / "config.yaml"
-    base = read_yaml(saved) if saved.exists() else None
     overrides = list(args.overrides)
     if args.data:
         overrides.insert(0, f"data.path={resolve_data(args.data)}")
-    cfg = build_config(base=base, files=args.config, overrides=overrides)
-    if not cfg.data.path:
-        raise ConfigError("no data given: pass --data FOLDER_OR_SHARDS (or set data.path in --config)")
-    return cfg
+    return build_config(base=RunFolder(args.out).saved_config(), files=args.config, overrides=overrides)
 
 
 def resolve_data(data: str) -> str:
@@ -63,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from hpcgan.generator import load_generator
+    from hpcgan.train.generator import load_generator
     from hpcgan.train.samples import write_pngs
 
     generator = load_generator(args.run, ema=not args.no_ema)
@@ -117,14 +113,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from hpcgan.data import DataError
-    from hpcgan.train import CheckpointError
+    from hpcgan.train import CheckpointError, RunLockedError
 
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, RunLockedError) as err:
         print(f"hpcgan {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ with a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,12 +24,20 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "dcgan"
+    arch: str = "dcgan"  # dcgan | stylegan2 (one module each under hpcgan/models/)
     resolution: int = 64  # 64 * 2**k; each doubling adds one up/down block
-    nz: int = 100
+    nz: int = 100  # latent size (z)
+    channels: int = 1
+    # dcgan
     ngf: int = 64
     ndf: int = 64
-    channels: int = 1
+    spectral_norm: bool = False  # spectral normalisation of D's convolutions (dcgan)
+    # stylegan2: feature maps at r x r have min(channel_base // r, channel_max) channels (G and D)
+    channel_base: int = 16384
+    channel_max: int = 512
+    w_dim: int = 512  # intermediate latent (style) size
+    mapping_layers: int = 8
+    style_mixing: float = 0.9  # probability of mixing two latents in a training forward pass
 
 
 @dataclass
@@ -59,6 +68,23 @@ class TrainConfig:
     compile_mode: str = "default"
     fused_adam: bool = True  # fused/foreach Adam when the device supports it
     sync_batchnorm: bool = False  # SyncBatchNorm under DDP (GPU); otherwise buffers stay per rank
+    loss: str = "logistic"  # logistic (non-saturating, BCE on logits) | hinge
+    r1_gamma: float = 0.0  # R1 gradient penalty weight on real images; 0 disables
+    r1_every: int = 16  # lazy R1: the penalty every N steps, scaled by N
+    ema_half_life_images: int = 0  # > 0: EMA decay per step from this half-life in images (overrides ema_decay)
+
+
+@dataclass
+class AugmentConfig:
+    """Differentiable augmentation of every image D sees, against D overfitting on scarce data."""
+
+    mode: str = "off"  # off | fixed (probability p) | ada (p adapted to D's overfitting)
+    p: float = 0.0  # probability of each op per image (fixed), or the starting value (ada)
+    target: float = 0.6  # ada: target E[sign(D(real))]
+    interval: int = 4  # ada: steps between adjustments of p
+    speed_images: int = 100_000  # ada: images over which p can move by 1
+    ops: list[str] = field(default_factory=lambda: ["flip", "translate", "scale", "rotate", "aniso",
+                                                    "brightness", "contrast", "cutout"])
 
 
 @dataclass
@@ -78,6 +104,12 @@ class TrackConfig:
     flush_every_s: float = 2.0
 
 
+def resolve_tracking_uri(uri: str) -> str:
+    """`track.uri`, else $MLFLOW_TRACKING_URI, else a SQLite store in the working folder (absolute, so
+    jobs started elsewhere, e.g. by SLURM, log into the same store)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
 @dataclass
 class MetricsConfig:
     every: int = 0  # steps between in-loop metrics; 0 disables
@@ -93,6 +125,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -102,9 +135,11 @@ class Config:
         if res < 64 or res & (res - 1):
             raise ConfigError(f"model.resolution={res}: must be 64 * 2**k (64, 128, 256, ...)")
         choices = {
-            "model.arch": (self.model.arch, {"dcgan"}),
+            "model.arch": (self.model.arch, {"dcgan", "stylegan2"}),
             "data.reader": (self.data.reader, {"auto", "memory", "webdataset", "dali"}),
             "train.mixed_precision": (self.train.mixed_precision, {"auto", "no", "bf16", "fp16"}),
+            "train.loss": (self.train.loss, {"logistic", "hinge"}),
+            "augment.mode": (self.augment.mode, {"off", "fixed", "ada"}),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -114,15 +149,32 @@ class Config:
             "train.batch_size": self.train.batch_size, "train.epochs": self.train.epochs,
             "train.log_every": self.train.log_every, "train.sample_every": self.train.sample_every,
             "train.sync_every": self.train.sync_every, "checkpoint.every": self.checkpoint.every,
-            "checkpoint.keep": self.checkpoint.keep,
+            "checkpoint.keep": self.checkpoint.keep, "train.r1_every": self.train.r1_every,
+            "model.channel_base": self.model.channel_base, "model.channel_max": self.model.channel_max,
+            "model.w_dim": self.model.w_dim, "model.mapping_layers": self.model.mapping_layers,
+            "model.channels": self.model.channels, "augment.interval": self.augment.interval,
+            "augment.speed_images": self.augment.speed_images, "metrics.n": self.metrics.n,
         }
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key}={value}: must be >= 1")
         if self.train.steps is not None and self.train.steps < 0:
             raise ConfigError(f"train.steps={self.train.steps}: must be >= 0")
-        if not 0.0 <= self.train.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay={self.train.ema_decay}: must be in [0, 1)")
+        below_one = {"train.ema_decay": self.train.ema_decay, "train.beta1": self.train.beta1,
+                     "train.beta2": self.train.beta2}
+        for key, value in below_one.items():
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key}={value}: must be in [0, 1)")
+        probabilities = {"model.style_mixing": self.model.style_mixing, "augment.p": self.augment.p,
+                         "augment.target": self.augment.target}
+        for key, value in probabilities.items():
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key}={value}: must be in [0, 1]")
+        for key, value in {"train.lr": self.train.lr, "train.r1_gamma": self.train.r1_gamma,
+                           "data.workers": self.data.workers, "track.flush_every_s": self.track.flush_every_s,
+                           "train.ema_half_life_images": self.train.ema_half_life_images}.items():
+            if value < 0:
+                raise ConfigError(f"{key}={value}: must be >= 0")
         return self
 
 

@@ -16,8 +16,11 @@ from pathlib import Path
 import torch
 
 import hpcgan.metrics as M
-from hpcgan.data import load_real
-from hpcgan.generator import load_generator, resolve_checkpoint
+from hpcgan.data import load_real, shards
+from hpcgan.data.pixels import to_unit
+from hpcgan.train.checkpoint import CheckpointManager, resolve_checkpoint
+from hpcgan.train.generator import load_generator
+from hpcgan.train.run_folder import RunFolder, config_of
 from hpcgan.train.samples import generate
 
 ALL = ["swd", "fid", "kid", "pr", "msssim", "memorization"]
@@ -35,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw generator instead of the EMA copy")
 
 
-def _to_unit(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 127.5 - 1
+def output_folder(run: Path, checkpoint: Path) -> RunFolder:
+    """Where evaluation results go: the run folder when given one, else the checkpoint folder."""
+    return RunFolder(run) if RunFolder(run).is_run() else RunFolder(checkpoint)
 
 
 def evaluate_run(run: Path, data: str, names: list[str], n: int, weights: str, seed: int,
@@ -49,22 +53,19 @@ def evaluate_run(run: Path, data: str, names: list[str], n: int, weights: str, s
     size = fake.shape[-1]
     real = load_real(data, split="val", size=size)
     pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]
-    out_dir = (run if (run / "checkpoints").exists() else folder) / "evaluation"
+    out_dir = output_folder(run, folder).evaluation
     distribution = [m for m in names if m != "memorization"]
-    result = M.evaluate(distribution, _to_unit(real[pick]), fake, extractor=M.load_extractor(weights), seed=seed,
+    result = M.evaluate(distribution, to_unit(real[pick]), fake, extractor=M.load_extractor(weights), seed=seed,
                         out_dir=out_dir) if distribution else {}
     if "memorization" in names:
         train = load_real(data, split="train", size=size)
-        heldout = _to_unit(real) if Path(data, "manifest.json").exists() and len(real) else None
-        result.update(M.evaluate(["memorization"], _to_unit(train), fake, heldout=heldout, seed=seed,
+        heldout = to_unit(real) if shards.is_shard_dir(Path(data)) and len(real) else None
+        result.update(M.evaluate(["memorization"], to_unit(train), fake, heldout=heldout, seed=seed,
                                  out_dir=out_dir))
     return result, folder
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpcgan.config import build_config
-    import yaml
-
     names = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = sorted(set(names) - set(M.available()))
     if unknown:
@@ -72,13 +73,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     run_dir = Path(args.run)
     folder = resolve_checkpoint(run_dir)
-    cfg = build_config(base=yaml.safe_load((folder / "config.yaml").read_text()))
+    cfg = config_of(folder)
     data = args.data or cfg.data.path
     weights = args.inception_weights or cfg.metrics.inception_weights
     result, folder = evaluate_run(run_dir, data, names, args.n, weights, args.seed, ema=not args.no_ema)
-    step = json.loads((folder / "state.json").read_text())["step"]
+    step = CheckpointManager.read_state(folder)["step"]
     report = {"checkpoint": str(folder), "step": step, "data": data, "n": args.n, **result}
-    out = (run_dir if (run_dir / "checkpoints").exists() else folder) / "metrics.json"
+    out = output_folder(run_dir, folder).evaluation_report
     out.write_text(json.dumps(report, indent=1))
     width = max(map(len, result))
     for key, value in result.items():
@@ -90,12 +91,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _log_to_mlflow(run_dir: Path, values: dict[str, float], step: int) -> None:
     """Into the run's own MLflow run when it has one; a tracking outage only costs a warning."""
-    tracking = run_dir / "tracking.json"
-    if not tracking.exists():
+    info = RunFolder(run_dir).read_tracking()
+    if info is None:
         return
     from hpcgan.track import Tracker
 
-    info = json.loads(tracking.read_text())
     tracker = Tracker(uri=info["tracking_uri"], experiment=info["experiment"], run_name="", params={}, tags={},
                       run_id=info["run_id"])
     tracker.log_metrics({f"eval/{k}": v for k, v in values.items()}, step)

@@ -11,7 +11,7 @@ if [ -x slurm/local/start.sh ]; then
   bash slurm/local/start.sh
 fi
 if [ -n "${CI:-}" ]; then
-  # Issue 7: the quick benchmark prints its ratios in every CI run (numbers, not a pass/fail gate).
+  # The quick benchmark prints its ratios in every CI run (numbers, not a pass/fail gate).
   .venv/bin/hpcgan bench --quick --json "${TMPDIR:-/tmp}/hpcgan-bench-quick.json"
 fi
 exec .venv/bin/python -m pytest "$@"

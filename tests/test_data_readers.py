@@ -1,4 +1,4 @@
-"""The readers behind `build_source`: same images, exact resume, per-rank shares, bad shards."""
+"""The readers behind `build_reader`: same images, exact resume, per-rank shares, bad shards."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 from data_factories import brain, make_shards, run_prepare, write_image, write_nifti
 from hpcgan.config import DataConfig
-from hpcgan.data import DataError, build_source, load_split, shards
+from hpcgan.data import DataError, build_reader, load_split, shards
 
 READERS = ["memory", "webdataset", "dali"]
 CPU = torch.device("cpu")
@@ -27,7 +27,7 @@ def source(path: Path, reader: str, *, batch: int = 16, rank: int = 0, world: in
     if reader == "dali":
         pytest.importorskip("nvidia.dali")
     cfg = DataConfig(path=str(path), reader=reader, flip=flip, workers=workers)
-    return build_source(cfg, seed=3, global_batch=batch, rank=rank, world=world, device=CPU,
+    return build_reader(cfg, seed=3, global_batch=batch, rank=rank, world=world, device=CPU,
                         resolution=resolution)
 
 
@@ -148,7 +148,7 @@ def test_ranks_split_each_global_batch(shard_dir: Path, reader: str) -> None:
 def _one_epoch(args: tuple[str, str, int]) -> list[bytes]:
     """In a fresh process: this rank's batches of one epoch, as raw uint8 bytes."""
     path, reader, rank = args
-    src = build_source(DataConfig(path=path, reader=reader, flip=False, workers=0), seed=3, global_batch=16,
+    src = build_reader(DataConfig(path=path, reader=reader, flip=False, workers=0), seed=3, global_batch=16,
                        rank=rank, world=2, device=CPU)
     return [as_uint8(src.next_batch()).numpy().tobytes() for _ in range(src.batches_per_epoch)]
 
@@ -239,23 +239,23 @@ def test_webdataset_shard_damaged_after_opening_fails_naming_it(tmp_path: Path, 
 
 def test_auto_reader_choice(shard_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import hpcgan.data as data
-    from hpcgan.data.memory import MemorySource
-    from hpcgan.data.webdataset_reader import WebDatasetSource
+    from hpcgan.data.memory import MemoryReader
+    from hpcgan.data.webdataset_reader import WebDatasetReader
 
-    assert isinstance(source(shard_dir, "auto"), MemorySource)
+    assert isinstance(source(shard_dir, "auto"), MemoryReader)
     monkeypatch.setattr(data, "MEMORY_LIMIT_BYTES", 0)
     if data.dali_available():
-        from hpcgan.data.dali_reader import DaliSource
+        from hpcgan.data.dali_reader import DaliReader
 
-        assert isinstance(source(shard_dir, "auto"), DaliSource)
+        assert isinstance(source(shard_dir, "auto"), DaliReader)
     monkeypatch.setattr(data, "dali_available", lambda: False)
     monkeypatch.setattr(data, "_said_no_dali", False)
     with caplog.at_level(logging.WARNING, logger="hpcgan.data"):
-        assert isinstance(source(shard_dir, "auto"), WebDatasetSource)
-        assert isinstance(source(shard_dir, "auto"), WebDatasetSource)
+        assert isinstance(source(shard_dir, "auto"), WebDatasetReader)
+        assert isinstance(source(shard_dir, "auto"), WebDatasetReader)
     assert sum("DALI is not installed" in r.message for r in caplog.records) == 1
     with pytest.raises(DataError, match="DALI is not installed"):
-        build_source(DataConfig(path=str(shard_dir), reader="dali"), seed=0, global_batch=8, rank=0, world=1,
+        build_reader(DataConfig(path=str(shard_dir), reader="dali"), seed=0, global_batch=8, rank=0, world=1,
                      device=CPU)
 
 

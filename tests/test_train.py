@@ -43,7 +43,7 @@ def test_resume_after_stop_at_17_is_bit_exact(image_folder, tmp_path, reference_
     assert trainer.state.restarts == 1 and trainer.state.images_seen == 40 * 8
     assert_identical(final_weights(out), reference_run)
     # 48 images / batch 8 = 6 batches an epoch: step 40 is mid-epoch 6, as in the reference
-    assert trainer.source.state_dict() == {"epoch": 6, "batch": 4}
+    assert trainer.reader.state_dict() == {"epoch": 6, "batch": 4}
 
 
 def test_signal_mid_run_saves_exits_resumable_and_resumes_exactly(image_folder, tmp_path, reference_run):

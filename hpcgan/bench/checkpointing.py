@@ -21,6 +21,7 @@ from typing import Any
 from hpcgan.config import Config, build_config, flatten, to_dict
 from hpcgan.train import EXIT_INTERRUPTED, Trainer
 from hpcgan.train.checkpoint import CheckpointManager, is_complete
+from hpcgan.train.run_folder import RunFolder
 
 
 def folder_mb(folder: Path) -> float:
@@ -33,7 +34,7 @@ def save_and_restore(trainer: Trainer) -> dict[str, float]:
     path = trainer.save_checkpoint()
     save_s = time.perf_counter() - start
     cfg = build_config(base=to_dict(trainer.cfg), overrides=[f"train.steps={trainer.state.step}"])
-    fresh = Trainer(cfg, trainer.files.root)
+    fresh = Trainer(cfg, trainer.run.root)
     start = time.perf_counter()
     fresh.fit()
     restore_s = time.perf_counter() - start
@@ -63,7 +64,7 @@ def _interrupt_once(cfg: Config, run_dir: Path, phase: float, after_steps: int, 
     cmd = [sys.executable, "-m", "hpcgan", "train", "--out", str(run_dir),
            *[arg for key, value in settings.items() for arg in ("--set", f"{key}={json.dumps(value)}")]]
     log_file = run_dir.with_suffix(".log")
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunFolder(run_dir).metrics_log
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
@@ -83,7 +84,7 @@ def _interrupt_once(cfg: Config, run_dir: Path, phase: float, after_steps: int, 
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    latest = CheckpointManager(run_dir / "checkpoints", keep=1).latest()
+    latest = CheckpointManager(RunFolder(run_dir).checkpoints, keep=1).latest()
     if code != EXIT_INTERRUPTED or latest is None or not is_complete(latest):
         raise RuntimeError(f"hpcgan train exited {code} without a complete checkpoint; see {log_file}")
     saved = CheckpointManager.read_state(latest)["step"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcgan.data import load_images, shards
-from hpcgan.data.source import DataError
+from hpcgan.data.reader import DataError
 
 
 @dataclass(frozen=True)

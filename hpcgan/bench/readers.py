@@ -1,6 +1,6 @@
 """Every data reader's images/s on its own, to set next to what the trainer consumes.
 
-A reader is timed through the `BatchSource` the trainer uses (batches on the training device, flips and
+A reader is timed through the `Reader` the trainer uses (batches on the training device, flips and
 [-1, 1] included) after a warm-up that starts its workers. Measured alone it has all cores, so the
 margin over the trainer's demand must be wide (the target is 5x) to hold while training shares them.
 """
@@ -14,7 +14,7 @@ import torch
 from hpcgan.bench.flops import sync
 from hpcgan.bench.images import BenchImages
 from hpcgan.config import DataConfig
-from hpcgan.data import build_source, dali_available
+from hpcgan.data import build_reader, dali_available
 
 
 def reader_plan(images: BenchImages, device: torch.device) -> tuple[dict[str, tuple[str, torch.device]], list[str]]:
@@ -38,13 +38,13 @@ def reader_plan(images: BenchImages, device: torch.device) -> tuple[dict[str, tu
 def reader_images_per_s(images: BenchImages, reader: str, device: torch.device, *, batch: int, workers: int,
                         warmup: int, batches: int) -> float:
     cfg = DataConfig(path=str(images.path), reader=reader, workers=workers)
-    source = build_source(cfg, seed=0, global_batch=batch, rank=0, world=1, device=device,
-                          resolution=images.resolution)
+    batch_reader = build_reader(cfg, seed=0, global_batch=batch, rank=0, world=1, device=device,
+                                resolution=images.resolution)
     for _ in range(warmup):
-        source.next_batch()
+        batch_reader.next_batch()
     sync(device)
     start = time.perf_counter()
     for _ in range(batches):
-        source.next_batch()
+        batch_reader.next_batch()
     sync(device)
     return batches * batch / (time.perf_counter() - start)

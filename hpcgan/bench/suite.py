@@ -29,7 +29,7 @@ from hpcgan.bench import checkpointing, scaling
 from hpcgan.bench.flops import device_name, flops_per_image, matmul_tflops, peak_tflops, reference_flops_per_image
 from hpcgan.bench.images import BenchImages, bench_images
 from hpcgan.bench.readers import reader_images_per_s, reader_plan
-from hpcgan.bench.run import Plan
+from hpcgan.bench.plan import Plan
 from hpcgan.bench.throughput import (DEFAULTS, REFERENCE, Measured, Variant, interleave, precision, reference_for,
                                      resolve, variants)
 from hpcgan.bench.worker import LoopProcess

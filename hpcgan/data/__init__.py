@@ -1,4 +1,4 @@
-"""Data in: one `BatchSource` interface, readers chosen by `data.reader`.
+"""Data in: one `Reader` interface, readers chosen by `data.reader`.
 
 `data.path` is an image folder or a uint8 tensor file (memory reader only), or a shard folder written by
 `hpcgan prepare` (a folder with manifest.json), which any reader can serve.
@@ -15,10 +15,10 @@ import torch
 from hpcgan.config import DataConfig
 from hpcgan.data import shards
 from hpcgan.data.images import load_images
-from hpcgan.data.memory import MemorySource
-from hpcgan.data.source import BatchSource, DataError
+from hpcgan.data.memory import MemoryReader
+from hpcgan.data.reader import Reader, DataError
 
-__all__ = ["BatchSource", "DataError", "build_source", "choose_reader", "dali_available", "load_images", "load_split"]
+__all__ = ["Reader", "DataError", "build_reader", "choose_reader", "dali_available", "load_images", "load_split"]
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ def load_real(path: str | Path, split: str = "val", size: int | None = None) -> 
     return load_images(path)
 
 
-def build_source(cfg: DataConfig, *, seed: int, global_batch: int, rank: int, world: int,
-                 device: torch.device, resolution: int | None = None) -> BatchSource:
+def build_reader(cfg: DataConfig, *, seed: int, global_batch: int, rank: int, world: int,
+                 device: torch.device, resolution: int | None = None) -> Reader:
     """The reader for `cfg` serving this rank's share of each global batch.
 
     `resolution` (the model's) picks the image size in a shard folder that holds several and is checked
@@ -84,17 +84,17 @@ def build_source(cfg: DataConfig, *, seed: int, global_batch: int, rank: int, wo
                  split.size, reader)
         if reader == "memory":
             images = torch.from_numpy(shards.decode_split(split, cfg.workers)).unsqueeze(1)
-            return MemorySource(images, device_resident=cfg.device_resident, **common)
+            return MemoryReader(images, device_resident=cfg.device_resident, **common)
         if reader == "webdataset":
-            from hpcgan.data.webdataset_reader import WebDatasetSource
+            from hpcgan.data.webdataset_reader import WebDatasetReader
 
-            return WebDatasetSource(split, workers=cfg.workers, **common)
+            return WebDatasetReader(split, workers=cfg.workers, **common)
         if not dali_available():
             raise DataError("data.reader=dali, but NVIDIA DALI is not installed: pip install 'hpcgan[dali]' "
                             "(Linux), or set data.reader=webdataset")
-        from hpcgan.data.dali_reader import DaliSource
+        from hpcgan.data.dali_reader import DaliReader
 
-        return DaliSource(split, workers=cfg.workers, **common)
+        return DaliReader(split, workers=cfg.workers, **common)
     if cfg.reader not in ("auto", "memory"):
         raise DataError(f"data.reader={cfg.reader!r} needs prepared shards (hpcgan prepare); {path} is not one")
     images = load_images(path)
@@ -102,4 +102,4 @@ def build_source(cfg: DataConfig, *, seed: int, global_batch: int, rank: int, wo
         raise DataError(f"{path}: images are {images.shape[-1]}x{images.shape[-2]}, the model needs "
                         f"{resolution}x{resolution}: set model.resolution={images.shape[-1]} or run "
                         f"hpcgan prepare {path} --out SHARD_DIR --size {resolution}")
-    return MemorySource(images, device_resident=cfg.device_resident, **common)
+    return MemoryReader(images, device_resident=cfg.device_resident, **common)

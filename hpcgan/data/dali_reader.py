@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from hpcgan.data.shards import Split, png_key
-from hpcgan.data.source import DataError, batches_per_epoch, epoch_generator, rank_slice
+from hpcgan.data.reader import DataError, batches_per_epoch, epoch_generator, rank_slice
 
 
 def _first_line(err: BaseException) -> str:
@@ -30,7 +30,7 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-class DaliSource:
+class DaliReader:
     def __init__(self, split: Split, *, seed: int, global_batch: int, rank: int = 0, world: int = 1,
                  device: torch.device | str = "cpu", flip: bool = True, workers: int = 2,
                  shuffle_buffer: int = 1024) -> None:

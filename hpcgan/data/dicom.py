@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from hpcgan.data.source import DataError
+from hpcgan.data.reader import DataError
 
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 logging.getLogger("pydicom").disabled = True

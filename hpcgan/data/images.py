@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from hpcgan.data.source import DataError
+from hpcgan.data.reader import DataError
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hpcgan.data import dicom
 from hpcgan.data.images import IMAGE_SUFFIXES
-from hpcgan.data.source import DataError
+from hpcgan.data.reader import DataError
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from hpcgan.data.source import DataError, batches_per_epoch, epoch_generator, rank_slice
+from hpcgan.data.pixels import to_unit
+from hpcgan.data.reader import DataError, batches_per_epoch, epoch_generator, rank_slice
 
 
 def epoch_plan(seed: int, epoch: int, num_images: int, global_batch: int, my_slice: slice,
@@ -27,13 +28,13 @@ def epoch_plan(seed: int, epoch: int, num_images: int, global_batch: int, my_sli
 
 def to_unit_range(x: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float in [-1, 1], mirrored left-right where `flips` is set."""
-    x = x.float().div_(127.5).sub_(1.0)
+    x = to_unit(x)
     if flips is not None:
         x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
     return x
 
 
-class MemorySource:
+class MemoryReader:
     def __init__(self, images: torch.Tensor, *, seed: int, global_batch: int, rank: int = 0,
                  world: int = 1, device: torch.device | str = "cpu", flip: bool = True,
                  device_resident: bool = True) -> None:

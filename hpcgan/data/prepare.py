@@ -34,7 +34,7 @@ from tqdm import tqdm
 from hpcgan.data import dicom, inputs, shards
 from hpcgan.data.inputs import Problem, Volume
 from hpcgan.data.preprocess import AXES, CROPS, Settings, Slice, image_slices, volume_slices
-from hpcgan.data.source import DataError
+from hpcgan.data.reader import DataError
 from hpcgan.data.split import assign_splits
 
 _IMAGES_PER_UNIT = 256  # 2D images are processed in batches, so resume state stays a few files

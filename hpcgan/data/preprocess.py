@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from hpcgan.data.source import DataError
+from hpcgan.data.reader import DataError
 
 AXES = ("axial", "coronal", "sagittal")
 _AXIS_DIM = {"sagittal": 0, "coronal": 1, "axial": 2}  # the RAS+ dimension a slice is taken across

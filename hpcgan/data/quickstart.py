@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hpcgan.data.prepare import Options, prepare
 from hpcgan.data.preprocess import Settings
-from hpcgan.data.source import DataError
+from hpcgan.data.reader import DataError
 
 NOTICE = ("ICBM 2009a nonlinear symmetric MNI152 template, as bundled with nilearn. Copyright (C) 1993-2009 "
           "Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University. "

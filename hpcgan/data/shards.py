@@ -23,7 +23,7 @@ from PIL import Image
 from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext
 
-from hpcgan.data.source import DataError
+from hpcgan.data.reader import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = "hpcgan-shards/1"
@@ -143,6 +143,11 @@ def read_manifest(shard_dir: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; re-run hpcgan prepare")
     return manifest
+
+
+def fingerprint(shard_dir: Path) -> str:
+    """A short hash of the manifest: names one prepared data set in caches (floors, feature spaces)."""
+    return hashlib.sha256((Path(shard_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
 
 
 def write_manifest(shard_dir: Path, manifest: dict[str, Any]) -> None:

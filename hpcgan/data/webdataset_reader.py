@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hpcgan.data.memory import to_unit_range
 from hpcgan.data.shards import Split, decode_png, png_key
-from hpcgan.data.source import DataError, batches_per_epoch, epoch_generator, rank_slice
+from hpcgan.data.reader import DataError, batches_per_epoch, epoch_generator, rank_slice
 
 SHUFFLE_BUFFER = 1024  # samples; as DALI's reader
 
@@ -157,7 +157,7 @@ class _EpochStream(IterableDataset):
         return stage
 
 
-class WebDatasetSource:
+class WebDatasetReader:
     def __init__(self, split: Split, *, seed: int, global_batch: int, rank: int = 0, world: int = 1,
                  device: torch.device | str = "cpu", flip: bool = True, workers: int = 2,
                  shuffle_buffer: int = SHUFFLE_BUFFER) -> None:

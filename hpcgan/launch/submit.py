@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcgan.config import ConfigError
+from hpcgan.config import ConfigError, resolve_tracking_uri
 
 class LaunchError(RuntimeError):
     """A submission that cannot work; the message says what to change."""
@@ -131,7 +131,7 @@ def plan_runs(opts: argparse.Namespace, train_argv: list[str]) -> Plan:
     if args.data:
         args.data = str(Path(resolve_data(args.data)).resolve())
     base_out = Path(args.out).resolve()
-    track_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    track_uri = resolve_tracking_uri("")
     runs, experiment = [], None
     points = sweep_points(opts.sweep)
     for point in points:
@@ -223,7 +223,7 @@ def submit(opts: argparse.Namespace, train_argv: list[str]) -> tuple[Plan, list]
     for (out, _), job in zip(plan.runs, jobs):
         print(f"job {job.job_id} ({opts.cluster}): run folder {out}")
         print(f"  log: {job.paths.stdout}")
-    print(f"MLflow experiment '{plan.experiment}'; each run's id is written to RUN/tracking.json")
+    print(f"MLflow experiment '{plan.experiment}'; each run folder records its MLflow run id")
     return plan, jobs
 
 
@@ -252,10 +252,11 @@ def follow(jobs: list) -> int:
 
 
 def print_mlflow_runs(runs: list[Path]) -> None:
+    from hpcgan.train.run_folder import RunFolder
+
     for out in runs:
-        tracking = out / "tracking.json"
-        if tracking.exists():
-            info = json.loads(tracking.read_text())
+        info = RunFolder(out).read_tracking()
+        if info is not None:
             print(f"MLflow run {info['run_id']} at {info['tracking_uri']} (experiment '{info['experiment']}')")
 
 

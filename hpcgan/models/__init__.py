@@ -1,18 +1,30 @@
-"""Generator and discriminator architectures, built from `ModelConfig`."""
+"""Generator and discriminator architectures: one module per arch, chosen by `model.arch`.
+
+Each arch module exposes `build(cfg: ModelConfig) -> (G, D)`: G maps (N, nz) latents to (N, C, R, R)
+images in [-1, 1], D maps images to one logit each. Adding an arch is one module and one line here.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from torch import nn
 
 from hpcgan.config import ModelConfig
-from hpcgan.models.dcgan import Discriminator, Generator, init_weights
 
-__all__ = ["Discriminator", "Generator", "build_models", "init_weights"]
+ARCHS = {
+    "dcgan": "hpcgan.models.dcgan",
+    "stylegan2": "hpcgan.models.stylegan2",
+}
+
+__all__ = ["ARCHS", "build_models", "build_generator"]
 
 
 def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     """Freshly initialised (G, D); call under a seeded RNG for reproducible weights."""
-    generator, discriminator = Generator(cfg), Discriminator(cfg)
-    generator.apply(init_weights)
-    discriminator.apply(init_weights)
-    return generator, discriminator
+    return importlib.import_module(ARCHS[cfg.arch]).build(cfg)
+
+
+def build_generator(cfg: ModelConfig) -> nn.Module:
+    """G alone, e.g. to load trained weights into."""
+    return build_models(cfg)[0]

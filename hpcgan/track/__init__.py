@@ -1,5 +1,5 @@
 """Experiment tracking (MLflow), used by global rank 0 only."""
 
-from hpcgan.track.tracker import Tracker, resolve_uri, run_tags
+from hpcgan.track.tracker import Tracker, run_tags
 
-__all__ = ["Tracker", "resolve_uri", "run_tags"]
+__all__ = ["Tracker", "run_tags"]

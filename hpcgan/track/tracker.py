@@ -27,16 +27,13 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from hpcgan.config import resolve_tracking_uri  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 _MAX_PENDING = 200_000  # metric records kept while the store is down (a few MB)
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
-
-
-def resolve_uri(uri: str) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 def run_tags() -> dict[str, str]:
@@ -61,7 +58,7 @@ class Tracker:
 
     def __init__(self, *, uri: str, experiment: str, run_name: str, params: dict[str, Any],
                  tags: dict[str, str], run_id: str | None = None, flush_every_s: float = 2.0) -> None:
-        self.uri = resolve_uri(uri)
+        self.uri = resolve_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment, self.run_name = experiment, run_name
         self.run_id = run_id
@@ -70,7 +67,6 @@ class Tracker:
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._pending: list[Metric] = []
         self._artifacts: list[tuple[str, str | None]] = []
-        self._late_tags: dict[str, str] = {}
         self._warned = False
         self._started = False
         self._flush_every_s = flush_every_s
@@ -85,9 +81,6 @@ class Tracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._queue.put(("artifact", (str(path), artifact_path)))
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self._queue.put(("tags", tags))
 
     def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> bool:
         """Flush and end the run; False (with a warning) when records could not be delivered."""
@@ -121,8 +114,6 @@ class Tracker:
                 del self._pending[:-_MAX_PENDING]
             elif kind == "artifact":
                 self._artifacts.append(payload)
-            elif kind == "tags":
-                self._late_tags.update(payload)
 
     def _try(self, action) -> None:
         try:
@@ -157,9 +148,6 @@ class Tracker:
 
     def _flush(self) -> None:
         self._start_run()
-        if self._late_tags:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in self._late_tags.items()])
-            self._late_tags.clear()
         while self._pending:
             self.client.log_batch(self.run_id, metrics=self._pending[:_BATCH])
             del self._pending[:_BATCH]

@@ -15,15 +15,15 @@ import torch
 
 import hpcgan.metrics as M
 from hpcgan.config import Config
-from hpcgan.data import load_real
+from hpcgan.data import load_real, shards
+from hpcgan.data.pixels import to_unit
 from hpcgan.train.samples import generate
 
 
 def dataset_key(path: str) -> str:
     """Cache key of a dataset: the shard manifest's hash, else the path and its modification time."""
-    manifest = Path(path) / "manifest.json"
-    if manifest.exists():
-        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    if shards.is_shard_dir(Path(path)):
+        return shards.fingerprint(Path(path))
     stat = Path(path).stat()
     return hashlib.sha256(f"{Path(path).resolve()}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
@@ -36,7 +36,7 @@ class InLoopMetrics:
         n = min(mcfg.n, len(real))
         pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(cfg.seed))[:n]
         mine = M.shard(n)
-        self.real = (real[pick][mine].float() / 127.5 - 1).to(device)
+        self.real = to_unit(real[pick][mine]).to(device)
         self.z = torch.randn(n, cfg.model.nz, generator=torch.Generator().manual_seed(cfg.seed + 1))[mine].to(device)
         self.extractor = M.load_extractor(mcfg.inception_weights, device=device)
         self.stats = None

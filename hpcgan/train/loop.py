@@ -1,174 +1,70 @@
-"""The training loop: DCGAN steps under Accelerate, EMA, logging, checkpoints and interruption.
+"""The training loop: GAN steps under Accelerate, with checkpoints, logging and interruption.
 
 The loop knows nothing of SLURM: it sees a run folder, a world size (from the environment Accelerate
-reads) and signals. Everything needed to continue lives in the run folder, and a resumed run produces
-bit-identical weights to an uninterrupted one on CPU.
+reads) and signals. It knows G, D, the augmentation and the EMA only through small interfaces; every
+stateful part is registered once with the checkpoint manager, so a resumed run produces bit-identical
+weights to an uninterrupted one on CPU.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
-import shutil
-import sys
-import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs
 
-from hpcgan.config import Config, ConfigError, flatten, save_config, to_dict
-from hpcgan.data import BatchSource, build_source
+from hpcgan.config import Config
+from hpcgan.data import Reader, build_reader
 from hpcgan.models import build_models
-from hpcgan.models.losses import d_loss, g_loss
-from hpcgan.train.checkpoint import CheckpointError, CheckpointManager, load_torch, step_dir_name
-from hpcgan.train.precision import mixed_precision_here, precision_name
-from hpcgan.train.samples import generate, save_grid
-from hpcgan.train.signals import EXIT_INTERRUPTED, InterruptFlag
-from hpcgan.train.state import TrainState, capture_rng, restore_rng, seed_everything
+from hpcgan.models.ema import EMA, decay_for_half_life
+from hpcgan.models.losses import d_loss, g_loss, r1_penalty
+from hpcgan.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointManager, step_dir_name
+from hpcgan.train.precision import precision_name
+from hpcgan.train.progress import Reporter, StepStats
+from hpcgan.train.run_folder import CONFIG_FILE, RunFolder, RunLock, RunLockedError
+from hpcgan.train.signals import EXIT_INTERRUPTED, InterruptFlag, StepAborted
+from hpcgan.train.setup import make_accelerator, prepare
+from hpcgan.train.state import GlobalRNG, SavedConfig, TrainState, capture_rng, rank_seed, restore_rng, seed_everything
 
 log = logging.getLogger(__name__)
 
-STAT_NAMES = ("loss_d", "loss_g", "d_real", "d_fake", "d_fake_g")
 EXIT_DONE = 0
-
-
-class StepAborted(Exception):
-    """An interrupt arrived before the step changed any weights; the step has been undone but for the
-    data reader, which stays ahead (rewinding DALI or webdataset workers costs seconds): `data` is its
-    position at the step's start, the one to save."""
-
-    data: dict[str, Any]
-
-
-@dataclass
-class RunFiles:
-    """Paths inside one run folder, the unit of truth for a run."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples"
-
-    @property
-    def metrics_log(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def tracking(self) -> Path:
-        return self.root / "tracking.json"
-
-    @property
-    def best(self) -> Path:
-        return self.root / "best"
-
-
-class EMA:
-    """Exponential moving average of G's weights (BatchNorm buffers copied), used for samples."""
-
-    def __init__(self, generator: torch.nn.Module, decay: float) -> None:
-        self.module = copy.deepcopy(generator).eval().requires_grad_(False)
-        self.decay = decay
-        self._src_params = list(generator.parameters())
-        self._src_buffers = list(generator.buffers())
-        self._params = list(self.module.parameters())
-        self._buffers = list(self.module.buffers())
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        # Ramp the decay up so early, noisy weights fade quickly.
-        decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self._params, self._src_params, 1.0 - decay)
-        torch._foreach_copy_(self._buffers, self._src_buffers)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path) -> None:
-        self.cfg = cfg
-        self.files = RunFiles(Path(run_dir))
-        tcfg = cfg.train
-        handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
-        # broadcast_buffers=False: D runs on the real and the fake batch before one backward; buffer
-        # broadcasts at the second forward would modify BatchNorm stats that autograd saved. Each rank
-        # keeps its own running stats (unused by D in train mode); rank 0's go into checkpoints.
-        # Newer torch renames the flag (forward_sync_buffers) but keeps this one's exact meaning.
-        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-        # Accelerate keeps mixed precision in a process-wide singleton; each Trainer sets its own
-        # (the distributed state is kept), so fp32 and bf16 trainers can live in one process.
-        AcceleratorState._reset_state(reset_partial_state=False)
-        self.precision = mixed_precision_here(tcfg.mixed_precision)
-        self.acc = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available(),
-                               kwargs_handlers=handlers)
-        if self.precision == "fp16" and self.acc.scaler is None:
-            raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (its loss scaler); "
-                              "on CPU use train.mixed_precision=bf16")
+        self.cfg, tcfg = cfg, cfg.train
+        self.run = RunFolder(run_dir)
+        self.acc, self.precision = make_accelerator(cfg)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process  # global rank 0, not the node-local one
         self.device = self.acc.device
-        if tcfg.batch_size % self.world:
-            raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {self.world} processes")
-
         seed_everything(cfg.seed)  # identical initial weights on every rank
         generator, discriminator = build_models(cfg.model)
         if tcfg.sync_batchnorm and self.world > 1:
             generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
             discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
-        self.ema = EMA(generator, tcfg.ema_decay) if tcfg.ema else None
-        self.source: BatchSource = build_source(cfg.data, seed=cfg.seed, global_batch=tcfg.batch_size,
-                                                rank=self.rank, world=self.world, device=self.device,
-                                                resolution=cfg.model.resolution)
-        if self.source.image_shape != (cfg.model.channels, cfg.model.resolution, cfg.model.resolution):
-            c, h, w = self.source.image_shape
-            raise ConfigError(f"data {cfg.data.path} holds {c}x{h}x{w} images but the model makes "
-                              f"{cfg.model.channels}x{cfg.model.resolution}x{cfg.model.resolution}: set "
-                              f"model.resolution={h} or prepare the data at --size {cfg.model.resolution}")
-        self.total_steps = tcfg.steps if tcfg.steps is not None else tcfg.epochs * self.source.batches_per_epoch
+        self.reader: Reader = build_reader(cfg.data, seed=cfg.seed, global_batch=tcfg.batch_size, rank=self.rank,
+                                           world=self.world, device=self.device, resolution=cfg.model.resolution)
+        self.total_steps = tcfg.steps if tcfg.steps is not None else tcfg.epochs * self.reader.batches_per_epoch
+        self.augment = None
+        if cfg.augment.mode != "off":
+            from hpcgan.augment import AugmentPipe
 
-        opt_kwargs = dict(lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
-        if tcfg.fused_adam:
-            opt_kwargs["fused"] = True
-        opt_g = torch.optim.Adam(generator.parameters(), **opt_kwargs)
-        opt_d = torch.optim.Adam(discriminator.parameters(), **opt_kwargs)
-        if tcfg.channels_last:
-            generator, discriminator = (m.to(memory_format=torch.channels_last) for m in (generator, discriminator))
+            self.augment = AugmentPipe(cfg.augment, seed=cfg.seed, rank=self.rank, device=self.device)
         # The plain modules: what checkpoints, EMA and samples use, whatever wraps them for training.
         self.generator, self.discriminator = generator, discriminator
-        self.G, self.D, self.opt_g, self.opt_d = self.acc.prepare(generator, discriminator, opt_g, opt_d)
-        if self.ema:
-            self.ema.module.to(self.device)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        if tcfg.compile:
-            self.G = torch.compile(self.G, mode=tcfg.compile_mode)
-            self.D = torch.compile(self.D, mode=tcfg.compile_mode)
-
+        self.G, self.D, self.opt_g, self.opt_d = prepare(self.acc, cfg, generator, discriminator)
+        decay = decay_for_half_life(tcfg.ema_half_life_images, tcfg.batch_size) if tcfg.ema_half_life_images \
+            else tcfg.ema_decay
+        self.ema = EMA(generator, decay) if tcfg.ema else None
+        seed_everything(rank_seed(cfg.seed, self.rank))
         self.state = TrainState(world_size=self.world)
-        self.ckpt = CheckpointManager(self.files.checkpoints, keep=cfg.checkpoint.keep,
-                                      milestones=cfg.checkpoint.milestones, rank=self.rank,
-                                      barrier=self.acc.wait_for_everyone)
+        self.ckpt = CheckpointManager(self.run.checkpoints, keep=cfg.checkpoint.keep, best=self.run.best,
+                                      milestones=cfg.checkpoint.milestones, rank=self.rank, agree=self._agree)
+        self._register_parts()
         self.interrupt = InterruptFlag()
         # One CPU process runs a step synchronously for seconds; an interrupt that arrives before D's
         # update undoes the step and saves at once rather than finishing it, halving the worst-case
@@ -177,46 +73,42 @@ class Trainer:
         self._abortable = self.device.type == "cpu" and self.world == 1
         self._buffers = [*generator.buffers(), *discriminator.buffers()]
         self._saved_step = -1
-        self.tracker = None
-        self.metrics = None
-        fixed = torch.Generator().manual_seed(cfg.seed)
-        self.fixed_noise = torch.randn(64, cfg.model.nz, generator=fixed).to(self.device)
+        self.report = Reporter(cfg, self.run, self.device, self.is_main)
+
+    def _register_parts(self) -> None:
+        """Everything a resumed run needs, each part once; the manager loads them in this order."""
+        ckpt = self.ckpt
+        ckpt.register("config", SavedConfig(self.cfg), file=CONFIG_FILE, optional=True)
+        ckpt.register("G", self.generator, file=MODEL_FILE)
+        ckpt.register("D", self.discriminator, file=MODEL_FILE)
+        if self.ema:
+            ckpt.register("G_ema", self.ema, file=MODEL_FILE)
+        ckpt.register("G", self.opt_g, file="optim.pt")
+        ckpt.register("D", self.opt_d, file="optim.pt")
+        if self.acc.scaler is not None:
+            ckpt.register("scaler", self.acc.scaler, file="optim.pt", optional=True)
+        if self.augment is not None:
+            ckpt.register("augment", self.augment, file="train.pt")
+        ckpt.register("state", self.state, file=STATE_FILE)
+        ckpt.register_rank("rng", GlobalRNG())
+        ckpt.register_rank("data", self.reader)
+
+    def _agree(self, ok: bool) -> bool:
+        """True on every rank only if `ok` is True on every rank; also a barrier."""
+        if self.world == 1:
+            return ok
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     # ------------------------------------------------------------------ resume
     def _restore(self, folder: Path) -> None:
-        saved_cfg = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
-        if saved_cfg.get("model") and saved_cfg["model"] != to_dict(self.cfg.model):
-            diff = {k: (v, saved_cfg["model"].get(k)) for k, v in to_dict(self.cfg.model).items()
-                    if saved_cfg["model"].get(k) != v}
-            key, (now, then) = next(iter(diff.items()))
-            raise ConfigError(f"model.{key}={now} but checkpoint {folder} was trained with {then}: "
-                              f"use the same model settings or a new --out folder")
-        weights = load_torch(folder / "model.pt")
-        optim = load_torch(folder / "optim.pt")
-        try:
-            self.generator.load_state_dict(weights["G"])
-            self.discriminator.load_state_dict(weights["D"])
-            if self.ema:
-                self.ema.module.load_state_dict(weights.get("G_ema", weights["G"]))
-            self.opt_g.load_state_dict(optim["G"])
-            self.opt_d.load_state_dict(optim["D"])
-        except (KeyError, RuntimeError, ValueError) as err:
-            first = str(err).strip().splitlines()[0][:200]
-            raise CheckpointError(f"{folder} does not match this model ({first}); "
-                                  "it is foreign or from other settings: use a new --out folder") from None
-        if self.acc.scaler is not None and optim.get("scaler"):
-            self.acc.scaler.load_state_dict(optim["scaler"])
-        self.state = TrainState.from_dict(self.ckpt.read_state(folder))
-        mine = self.ckpt.read_rank_state(folder)
-        if mine is None:
+        if not self.ckpt.load(folder):
             log.warning("%s holds no state for rank %d (saved with %d processes, now %d): "
                         "continuing with fresh noise, not an exact continuation",
                         folder, self.rank, self.state.world_size, self.world)
-            self.source.load_state_dict(self.state.data)
-            seed_everything(self.cfg.seed + 7919 * self.rank + self.state.step)
-        else:
-            self.source.load_state_dict(mine["data"])
-            restore_rng(mine["rng"])
+            self.reader.load_state_dict(self.state.data)
+            seed_everything(rank_seed(self.cfg.seed, self.rank) + self.state.step)
         self.state.restarts += 1
         self.state.world_size = self.world
         self._saved_step = self.state.step
@@ -229,15 +121,18 @@ class Trainer:
         when an interrupt arrives before D's update on an abortable (single CPU process) trainer.
         """
         if not self._abortable:
-            stats = self._train_step(self.source.next_batch())
+            stats = self._train_step(self.reader.next_batch())
         else:
-            data, rng, buffers = self.source.state_dict(), capture_rng(), [b.clone() for b in self._buffers]
+            data, rng, buffers = self.reader.state_dict(), capture_rng(), [b.clone() for b in self._buffers]
+            augment = self.augment.state_dict() if self.augment else None
             try:
-                stats = self._train_step(self.source.next_batch())
+                stats = self._train_step(self.reader.next_batch())
             except StepAborted as aborted:
                 restore_rng(rng)
                 with torch.no_grad():
                     torch._foreach_copy_(self._buffers, buffers)
+                if augment is not None:
+                    self.augment.load_state_dict(augment)
                 self.opt_d.zero_grad(set_to_none=True)
                 aborted.data = data
                 raise
@@ -245,20 +140,32 @@ class Trainer:
         self.state.images_seen += self.cfg.train.batch_size
         return stats
 
+    def _see(self, images: torch.Tensor) -> torch.Tensor:
+        """What D is shown: every image, real or fake, goes through the same augmentation."""
+        return self.augment(images) if self.augment is not None else images
+
     def _train_step(self, real: torch.Tensor) -> torch.Tensor:
-        if self.cfg.train.channels_last:
+        tcfg = self.cfg.train
+        if tcfg.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
         z = torch.randn(real.shape[0], self.cfg.model.nz, device=self.device)
         self.opt_d.zero_grad(set_to_none=True)
         fake = self.G(z)
         self._abort_point()
-        real_logits = self.D(real)
-        fake_logits = self.D(fake.detach())
+        do_r1 = tcfg.r1_gamma > 0 and self.state.step % tcfg.r1_every == 0
+        real = real.detach().requires_grad_(do_r1)
+        real_logits = self.D(self._see(real))
+        fake_logits = self.D(self._see(fake.detach()))
         self._abort_point()
-        loss_d = d_loss(real_logits, fake_logits)
+        loss_d = d_loss(real_logits, fake_logits, tcfg.loss)
+        if do_r1:
+            scale = self.acc.scaler.get_scale() if self.acc.scaler is not None else 1.0
+            loss_d = loss_d + r1_penalty(real_logits, real, scale) * (tcfg.r1_gamma / 2 * tcfg.r1_every)
         self.acc.backward(loss_d)
         self._abort_point()  # the last one: from D's update on, the step runs to its end
         self.opt_d.step()
+        if self.augment is not None:
+            self.augment.observe(real_logits.detach())
 
         self.opt_g.zero_grad(set_to_none=True)
         # D's weight gradients from the G step would be discarded: neither computed (a third of D's
@@ -266,8 +173,8 @@ class Trainer:
         self.discriminator.requires_grad_(False)
         try:
             with self.acc.no_sync(self.D):
-                fake_logits_g = self.D(fake)
-                loss_g = g_loss(fake_logits_g)
+                fake_logits_g = self.D(self._see(fake))
+                loss_g = g_loss(fake_logits_g, tcfg.loss)
                 self.acc.backward(loss_g)
         finally:
             self.discriminator.requires_grad_(True)
@@ -275,8 +182,8 @@ class Trainer:
         if self.ema:
             self.ema.update(self.state.step)
         with torch.no_grad():
-            return torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(real_logits.float()).mean(),
-                                torch.sigmoid(fake_logits.float()).mean(),
+            return torch.stack([loss_d.detach(), loss_g.detach(),
+                                torch.sigmoid(real_logits.float()).mean(), torch.sigmoid(fake_logits.float()).mean(),
                                 torch.sigmoid(fake_logits_g.float()).mean()])
 
     def _abort_point(self) -> None:
@@ -290,67 +197,26 @@ class Trainer:
             return bool(self.interrupt)
         if self.state.step % self.cfg.train.sync_every:
             return False
-        flag = torch.tensor([1.0 if self.interrupt else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return not self._agree(not self.interrupt)
 
     def save_checkpoint(self, data: dict[str, Any] | None = None) -> Path:
         """Commit the current step; `data`: the reader's position when it is not the reader's own."""
         if self._saved_step == self.state.step:
             return self.ckpt.root / step_dir_name(self.state.step)
         self._saved_step = self.state.step
-        self.state.data = data if data is not None else self.source.state_dict()
-        shared = {}
-        if self.is_main:
-            shared = {
-                "model.pt": {"G": self.generator.state_dict(),
-                             "D": self.discriminator.state_dict(),
-                             "G_ema": self.ema.module.state_dict() if self.ema else None},
-                "optim.pt": {"G": self.opt_g.state_dict(), "D": self.opt_d.state_dict(),
-                             "scaler": self.acc.scaler.state_dict() if self.acc.scaler else None},
-                "state.json": json.dumps(self.state.to_dict(), indent=1),
-                "config.yaml": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
-            }
-        path = self.ckpt.save(self.state.step, shared, {"rng": capture_rng(), "data": self.state.data})
+        self.state.data = data if data is not None else self.reader.state_dict()
+        path = self.ckpt.save(self.state.step, {"data": data} if data is not None else None)
         if self.is_main:
             log.info("checkpoint %s", path)
         return path
 
-    def _sample_generator(self) -> torch.nn.Module:
+    @property
+    def sample_generator(self) -> torch.nn.Module:
         return self.ema.module if self.ema else self.generator
-
-    def _write_samples(self) -> None:
-        if not self.is_main:
-            return
-        images = generate(self._sample_generator(), self.fixed_noise)
-        path = save_grid(images, self.files.samples / f"step-{self.state.step:07d}.png")
-        if self.tracker:
-            self.tracker.log_artifact(path, "samples")
-
-    def _start_tracking(self) -> None:
-        if not (self.is_main and self.cfg.track.enabled):
-            return
-        from hpcgan.track import Tracker, run_tags  # MLflow import costs seconds; only rank 0 pays
-
-        run_id = self.state.mlflow_run_id
-        if run_id is None and self.files.tracking.exists():
-            run_id = json.loads(self.files.tracking.read_text()).get("run_id")
-        tcfg = self.cfg.track
-        tags = {**run_tags(), "precision": precision_name(self.precision)}
-        self.tracker = Tracker(uri=tcfg.uri, experiment=tcfg.experiment, run_name=tcfg.run_name or self.files.root.name,
-                               params=flatten(self.cfg), tags=tags, run_id=run_id,
-                               flush_every_s=tcfg.flush_every_s)
-        self.state.mlflow_run_id = self.tracker.run_id
-        if self.tracker.run_id:
-            _atomic_write(self.files.tracking, json.dumps(
-                {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri, "experiment": tcfg.experiment}))
-            log.info("MLflow run %s at %s", self.tracker.run_id, self.tracker.uri)
 
     def _evaluate(self) -> None:
         """In-loop metrics on EMA samples; a new best (lower `metrics.best`) is checkpointed and copied to best/."""
-        values = self.metrics(self._sample_generator())
-        if self.is_main:
-            self._log({f"eval/{k}": v for k, v in values.items()})
+        values = self.report.evaluate(self.sample_generator, self.state.step, self.state.images_seen)
         key = self.cfg.metrics.best
         value = values.get(key)
         if value is None or (self.state.best and value >= self.state.best["value"]):
@@ -358,127 +224,91 @@ class Trainer:
         self.state.best = {"metric": key, "value": value, "step": self.state.step}
         folder = self.save_checkpoint()
         if self.is_main:
-            staging, old = self.files.root / ".best-tmp", self.files.root / ".best-old"
-            for leftover in (staging, old):
-                shutil.rmtree(leftover, ignore_errors=True)
-            shutil.copytree(folder, staging)
-            if self.files.best.exists():
-                self.files.best.rename(old)
-            staging.rename(self.files.best)
-            shutil.rmtree(old, ignore_errors=True)
-            log.info("new best %s=%.4f at step %d -> %s", key, value, self.state.step, self.files.best)
-
-    def _log(self, stats: dict[str, float]) -> None:
-        record = {"step": self.state.step, "images_seen": self.state.images_seen, **stats}
-        with open(self.files.metrics_log, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.tracker:
-            self.tracker.log_metrics(stats, self.state.step)
+            best = self.ckpt.promote_best(folder)
+            log.info("new best %s=%.4f at step %d -> %s", key, value, self.state.step, best)
 
     # ------------------------------------------------------------------ run
     def fit(self) -> int:
         """Train to `total_steps`; returns 0 when done, EXIT_INTERRUPTED after a signal-triggered save."""
-        latest = self.ckpt.latest()
-        if latest is not None:
-            self._restore(latest)
-            if self.is_main:
-                log.info("resumed from %s (step %d of %d)", latest, self.state.step, self.total_steps)
-        if self.state.step >= self.total_steps:
-            if self.is_main:
-                log.info("run %s is already at step %d of %d: nothing to do", self.files.root,
-                         self.state.step, self.total_steps)
-            return EXIT_DONE
-        if self.is_main:
-            self.files.root.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.files.config)
-            log.info("training on %s x %d in %s (train.mixed_precision=%s)", self.device.type, self.world,
-                     precision_name(self.precision), self.cfg.train.mixed_precision)
-        self._start_tracking()
-        if self.tracker and self.state.restarts:
-            self.tracker.log_metrics({"restarts": self.state.restarts}, self.state.step)
-        if self.cfg.metrics.every:
-            from hpcgan.train.evaluation import InLoopMetrics
-
-            self.metrics = InLoopMetrics(self.cfg, self.device, cache_dir=self.files.root / "cache")
-        self.interrupt.install()
+        lock, refusal = self.run.lock(), None
+        if self.is_main:  # global rank 0 holds the lock for all ranks
+            try:
+                lock.acquire()
+            except RunLockedError as err:
+                refusal = err
+        if not self._agree(refusal is None):
+            raise refusal or RunLockedError(f"{self.run.root} is in use by another writer (see rank 0's error)")
         try:
-            return self._loop()
+            latest = self.ckpt.latest()
+            if latest is not None:
+                self._restore(latest)
+                if self.is_main:
+                    log.info("resumed from %s (step %d of %d)", latest, self.state.step, self.total_steps)
+            if self.state.step >= self.total_steps:
+                if self.is_main:
+                    log.info("run %s is already at step %d of %d: nothing to do", self.run.root,
+                             self.state.step, self.total_steps)
+                return EXIT_DONE
+            if self.is_main:
+                self.run.write_config(self.cfg)
+                log.info("training on %s x %d in %s (train.mixed_precision=%s)", self.device.type, self.world,
+                         precision_name(self.precision), self.cfg.train.mixed_precision)
+            self.state.mlflow_run_id = self.report.start(self.state.mlflow_run_id, precision_name(self.precision),
+                                                         self.state.restarts, self.state.step, self.total_steps)
+            self.interrupt.install()
+            try:
+                return self._loop(lock)
+            finally:
+                self.interrupt.restore()
         finally:
-            self.interrupt.restore()
+            lock.release()
 
-    def _loop(self) -> int:
+    def _loop(self, lock: RunLock) -> int:
         tcfg, ccfg = self.cfg.train, self.cfg.checkpoint
-        stats_sum = torch.zeros(len(STAT_NAMES), device=self.device)
-        n_stats, last_time, last_images = 0, time.perf_counter(), self.state.images_seen
-        progress = None
-        if self.is_main and sys.stderr.isatty():
-            from tqdm import tqdm
-            progress = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True)
+        stats = StepStats(self.device, self.state.images_seen)
         milestones = set(ccfg.milestones)
         compiling = tcfg.compile
         while self.state.step < self.total_steps:
             try:
-                stats_sum += self.step()
+                stats.add(self.step())
             except StepAborted as aborted:
-                return self._exit_interrupted(progress, data=aborted.data)
-            n_stats += 1
+                return self._exit_interrupted(data=aborted.data)
             step = self.state.step
+            lock.heartbeat()
             if compiling:  # reported on its own, and kept out of images/s
-                stats_sum.cpu()  # wait for the compiled kernels to finish
-                compile_s = time.perf_counter() - last_time
-                compiling, last_time, last_images = False, time.perf_counter(), self.state.images_seen
-                if self.is_main:
-                    log.info("torch.compile (%s) + first step: %.1f s", tcfg.compile_mode, compile_s)
-                    if self.tracker:
-                        self.tracker.log_metrics({"compile_s": compile_s}, step)
+                compiling = False
+                stats.sync()
+                compile_s = stats.restart_clock(self.state.images_seen)
+                log.info("torch.compile (%s) + first step: %.1f s", tcfg.compile_mode, compile_s)
+                self.report.write(step, self.state.images_seen, {"compile_s": compile_s})
             if step % tcfg.log_every == 0 or step == self.total_steps:
-                values = (stats_sum / n_stats).tolist()  # the only host sync, once per log interval
-                now = time.perf_counter()
-                stats = dict(zip(STAT_NAMES, values))
-                stats["images_per_s"] = (self.state.images_seen - last_images) / max(now - last_time, 1e-9)
-                stats["epoch"] = self.state.images_seen / self.source.num_images
-                stats_sum.zero_()
-                n_stats, last_time, last_images = 0, now, self.state.images_seen
-                if self.is_main:
-                    self._log(stats)
-                    if progress is None:
-                        log.info("step %d/%d  loss_d %.4f  loss_g %.4f  D(x) %.3f  D(G(z)) %.3f  %.1f img/s",
-                                 step, self.total_steps, stats["loss_d"], stats["loss_g"], stats["d_real"],
-                                 stats["d_fake"], stats["images_per_s"])
-            if progress is not None:
-                progress.update(1)
+                record = stats.record(self.state.images_seen, self.reader.num_images)
+                self.report.log_step(step, self.total_steps, self.state.images_seen, record)
+            self.report.tick()
             if step % tcfg.sample_every == 0:
-                self._write_samples()
-            if self.metrics and step % self.cfg.metrics.every == 0:
+                self.report.samples(self.sample_generator, step)
+            if self.report.metrics and step % self.cfg.metrics.every == 0:
                 self._evaluate()
             if step % ccfg.every == 0 or step in milestones:
                 self.save_checkpoint()
             if step < self.total_steps and self._should_stop():
-                return self._exit_interrupted(progress)
-        if progress is not None:
-            progress.close()
+                return self._exit_interrupted()
         self.save_checkpoint()
         if self.state.step % tcfg.sample_every:
-            self._write_samples()
-        if self.tracker:
-            if self.cfg.track.log_model:
-                self.tracker.log_generator(self._sample_generator(), self.cfg.model.nz)
-            self.tracker.close(status="FINISHED")
+            self.report.samples(self.sample_generator, self.state.step)
+        self.report.finish("FINISHED", self.sample_generator)
         if self.is_main:
-            log.info("done: step %d, run folder %s", self.state.step, self.files.root)
+            log.info("done: step %d, run folder %s", self.state.step, self.run.root)
         return EXIT_DONE
 
-    def _exit_interrupted(self, progress: Any, data: dict[str, Any] | None = None) -> int:
+    def _exit_interrupted(self, data: dict[str, Any] | None = None) -> int:
         """Save and report; with `data` (an aborted step's start) the trainer is left for exit only."""
-        if progress is not None:
-            progress.close()
         self.save_checkpoint(data)
+        self.report.finish("KILLED")
         if self.is_main:
             log.warning("interrupted by signal %s %s step %d: checkpoint saved, exiting with %d (resumable)",
                         self.interrupt.signum, "during the step after" if data is not None else "at",
                         self.state.step, EXIT_INTERRUPTED)
-        if self.tracker:
-            self.tracker.close(status="KILLED")
         return EXIT_INTERRUPTED
 
 

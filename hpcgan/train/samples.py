@@ -9,21 +9,29 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hpcgan.data import pixels
+
 
 @torch.no_grad()
-def generate(generator: torch.nn.Module, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Images from `z` in eval mode (BatchNorm running stats), in batches; the module's mode is restored."""
+def generate(generator: torch.nn.Module, z: torch.Tensor, batch: int = 256, seed: int = 0) -> torch.Tensor:
+    """Images from `z` in eval mode (BatchNorm running stats), in batches; the module's mode is restored.
+
+    Generators that draw noise of their own (StyleGAN's per-layer noise) draw it from a forked RNG seeded
+    with `seed`: samples are reproducible, and sampling never moves the training RNG streams.
+    """
     was_training = generator.training
     generator.eval()
-    images = torch.cat([generator(z[i:i + batch]).float() for i in range(0, len(z), batch)])
+    devices = [z.device] if z.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        images = torch.cat([generator(z[i:i + batch]).float() for i in range(0, len(z), batch)])
     generator.train(was_training)
     return images
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W) or (N, H, W, C) uint8."""
-    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    arr = arr.permute(0, 2, 3, 1).numpy()
+    arr = pixels.to_uint8(images).permute(0, 2, 3, 1).numpy()
     return arr[..., 0] if arr.shape[-1] == 1 else arr
 
 

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
+from typing import Any
 
 # "Interrupted, resumable": EX_TEMPFAIL from sysexits.h, distinct from success (0) and crashes (1).
 EXIT_INTERRUPTED = 75
 
 RESUMABLE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+class StepAborted(Exception):
+    """An interrupt arrived before the step changed any weights; the step has been undone but for the
+    data reader, which stays ahead (rewinding DALI or webdataset workers costs seconds): `data` is its
+    position at the step's start, the one to save."""
+
+    data: dict[str, Any]
 
 
 class InterruptFlag:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
+
+from hpcgan.config import Config, ConfigError, to_dict
 
 
 @dataclass
@@ -21,13 +25,25 @@ class TrainState:
     restarts: int = 0  # times this run was resumed from a checkpoint
     best: dict[str, Any] = field(default_factory=dict)  # {"metric", "value", "step"} of best/
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def state_dict(self) -> str:
+        """JSON text: the one checkpoint file a person reads to see where a run stands."""
+        return json.dumps(dataclasses.asdict(self), indent=1)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainState:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def load_state_dict(self, text: str) -> None:
+        data = json.loads(text)
+        for f in dataclasses.fields(self):
+            if f.name in data:
+                setattr(self, f.name, data[f.name])
+
+
+class GlobalRNG:
+    """This process's global RNG streams as a checkpoint part."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(state)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -54,3 +70,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class SavedConfig:
+    """The resolved config as a checkpoint part: saved as YAML, and loading refuses a checkpoint
+    whose model settings differ from this run's (its weights would not fit)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def state_dict(self) -> str:
+        return yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+
+    def load_state_dict(self, text: str) -> None:
+        then, now = (yaml.safe_load(text) or {}).get("model", {}), to_dict(self.cfg.model)
+        for key, value in now.items():
+            if key in then and then[key] != value:
+                raise ConfigError(f"model.{key}={value} but checkpoint trained with {then[key]}: "
+                                  "use the same model settings or a new --out folder")
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Each rank's RNG stream for latents and noise, derived so no two ranks draw the same latents."""
+    return seed * 1_000_003 + 7919 * (rank + 1)

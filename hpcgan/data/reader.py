@@ -16,7 +16,7 @@ class DataError(ValueError):
     """Unusable input data; the message names the file and what to do."""
 
 
-class BatchSource(Protocol):
+class Reader(Protocol):
     num_images: int  # images in one epoch of the training set
     batches_per_epoch: int  # global batches per epoch (the last partial batch is dropped)
     image_shape: tuple[int, int, int]  # (C, H, W)

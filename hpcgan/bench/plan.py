@@ -1,0 +1,36 @@
+"""What one `hpcgan bench` invocation measures: the stages, the two modes and the resolved plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STAGES = ("readers", "checkpoint", "interrupt", "scaling")
+MODES = {  # quick: CI on 2 CPU cores in a few minutes; full: the documented run (hours on 2 CPU cores)
+    "quick": {"resolutions": [64], "batches": [128], "warmup": 1, "steps": 2, "repeats": 3, "reader_batches": 10,
+              "interrupt_phases": [0.0, 0.7]},
+    "full": {"resolutions": [64, 128], "batches": [128, 512], "warmup": 1, "steps": 3, "repeats": 3,
+             "reader_batches": 40, "interrupt_phases": [0.0, 0.25, 0.5, 0.75]},
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str  # quick | full
+    data: str | None
+    resolutions: list[int]
+    batches: list[int]
+    warmup: int
+    steps: int
+    repeats: int
+    reader_batches: int
+    interrupt_phases: list[float]  # when in a step the interrupt arrives, as fractions of the step
+    skip: frozenset[str]
+    compile: bool
+    peaks: dict[str, float]
+    overrides: list[str]
+
+    @property
+    def headline(self) -> tuple[int, int]:
+        """The configuration the contract's single figures and the CPU targets refer to."""
+        return (64 if 64 in self.resolutions else self.resolutions[0],
+                128 if 128 in self.batches else self.batches[0])

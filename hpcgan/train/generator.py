@@ -1,0 +1,25 @@
+"""Loading a trained generator for sampling, evaluation and export, without unpickling anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hpcgan.models import build_generator
+from hpcgan.train.checkpoint import MODEL_FILE, CheckpointError, load_torch, resolve_checkpoint
+from hpcgan.train.run_folder import config_of
+
+
+def load_generator(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The generator (eval mode) of a run folder's latest checkpoint or of a checkpoint folder."""
+    folder = resolve_checkpoint(path)
+    cfg = config_of(folder)
+    weights = load_torch(folder / MODEL_FILE)
+    key = "G_ema" if ema and weights.get("G_ema") is not None else "G"
+    generator = build_generator(cfg.model)
+    try:
+        generator.load_state_dict(weights[key])
+    except (KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{folder / MODEL_FILE}: weights do not fit the saved config ({err})") from None
+    return generator.to(device).eval()
