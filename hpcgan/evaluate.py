@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_of(folder)
     data = args.data or cfg.data.path
     weights = args.inception_weights or cfg.metrics.inception_weights
+    if shards.is_shard_dir(Path(data)) and (mismatch := shards.split_mismatch(Path(data))):
+        print(f"warning: {mismatch}", file=sys.stderr)
     result, folder = evaluate_run(run_dir, data, names, args.n, weights, args.seed, ema=not args.no_ema)
     step = CheckpointManager.read_state(folder)["step"]
     report = {"checkpoint": str(folder), "step": step, "data": data, "n": args.n, **result}

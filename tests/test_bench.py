@@ -12,18 +12,17 @@ from PIL import Image
 
 from hpcgan.bench.images import bench_images
 from hpcgan.bench.reference import ReferenceDCGAN, center_crop, resize
-from hpcgan.config import build_config
 from hpcgan.data import load_images
 from hpcgan.models.losses import d_loss, g_loss
 from hpcgan.train import Trainer
 
-from conftest import TINY, run_cli
+from helpers import make_trainer, run_cli
 
 FP32 = 'train.mixed_precision="no"'
 
 
-def make_trainer(data, out, *extra: str) -> Trainer:
-    return Trainer(build_config(overrides=[f"data.path={data}", *TINY, FP32, *extra]), out)
+def fp32_trainer(data, out, *extra: str) -> Trainer:
+    return make_trainer(data, out, FP32, *extra)
 
 
 PLAIN = ("train.channels_last=false", "train.fused_adam=false")
@@ -51,7 +50,7 @@ def test_fp32_fast_path_is_as_accurate_as_the_plain_path(image_folder, tmp_path)
     zero up to rounding moves its weight by up to 2 * lr. What can hold is that the fast path is as
     close to the exact step as the plain path is, and well inside 1e-6 on the tiny nets.
     """
-    plain, fast = (make_trainer(image_folder, tmp_path / name, *switches)
+    plain, fast = (fp32_trainer(image_folder, tmp_path / name, *switches)
                    for name, switches in (("plain", PLAIN), ("fast", FAST)))
     z, real = torch.randn(8, 100), plain.reader.next_batch()
     exact = step_gradients(copy.deepcopy(plain.generator).double(), copy.deepcopy(plain.discriminator).double(),
@@ -69,7 +68,7 @@ def test_fp32_fast_path_is_as_accurate_as_the_plain_path(image_folder, tmp_path)
 def test_fp32_fast_path_step_statistics_match_the_plain_path_within_1e6(image_folder, tmp_path):
     """With lr=0 no optimizer amplifies rounding: three steps' losses and D outputs agree within 1e-6."""
     def three_steps(name: str, switches: tuple[str, ...]) -> torch.Tensor:
-        trainer = make_trainer(image_folder, tmp_path / name, "train.lr=0", *switches)  # seeds the noise
+        trainer = fp32_trainer(image_folder, tmp_path / name, "train.lr=0", *switches)  # seeds the noise
         return torch.stack([trainer.step() for _ in range(3)])
 
     plain, fast = three_steps("plain", PLAIN), three_steps("fast", FAST)
@@ -77,7 +76,7 @@ def test_fp32_fast_path_step_statistics_match_the_plain_path_within_1e6(image_fo
 
 
 def test_fused_adam_matches_the_for_loop_adam_on_the_same_gradients(image_folder, tmp_path):
-    plain, fast = (make_trainer(image_folder, tmp_path / name, *switches)
+    plain, fast = (fp32_trainer(image_folder, tmp_path / name, *switches)
                    for name, switches in (("plain", PLAIN), ("fast", FAST)))
     noise = torch.Generator().manual_seed(1)
     for _ in range(3):

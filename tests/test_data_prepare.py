@@ -1,4 +1,4 @@
-"""`hpcgan prepare`: every input kind, the split, privacy, resume, and bad inputs."""
+"""`hpcgan prepare`: every input kind, the subject and slab splits, privacy, resume, and bad inputs."""
 
 from __future__ import annotations
 
@@ -295,3 +295,133 @@ def test_cli_registers_prepare(tmp_path: Path) -> None:
     assert cli.main(["prepare", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--size", "16",
                      "--workers", "1"]) in (0, None)
     assert shards.read_manifest(tmp_path / "out")["counts"]["train"] == 1
+
+
+def split_slices(shard_dir: Path) -> dict[tuple[str, str], dict[str, set[int]]]:
+    """(volume, axis) -> split -> slice indices, from the samples themselves."""
+    out: dict[tuple[str, str], dict[str, set[int]]] = {}
+    for s in samples(shard_dir):
+        meta = s["meta"]
+        out.setdefault((meta["volume"], meta["axis"]), {"train": set(), "val": set()})[s["split"]].add(meta["slice"])
+    return out
+
+
+def test_slab_split_holds_out_spread_blocks_with_gaps(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shapes = {"a_T1w.nii.gz": (36, 40, 32), "a_T2w.nii.gz": (36, 40, 32), "b_T1w.nii.gz": (30, 34, 28)}
+    for seed, (name, shape) in enumerate(shapes.items()):
+        write_nifti(src / name, brain(shape, seed=seed))
+    assert run_prepare(src, "--out", tmp_path / "slab", "--size", 16, "--split", "slab", "--val-frac", 0.2,
+                       "--slab-gap", 2, "--slabs", 2, "--workers", 1) == 0
+    assert run_prepare(src, "--out", tmp_path / "all", "--size", 16, "--split", "slab", "--val-frac", 0,
+                       "--workers", 1) == 0
+    kept = {key: roles["train"] for key, roles in split_slices(tmp_path / "all").items()}
+    assert shards.read_manifest(tmp_path / "all")["gap_slices"] == 0
+
+    manifest = shards.read_manifest(tmp_path / "slab")
+    split = manifest["split"]
+    assert (split["method"], split["unit"], split["slab_gap"], split["slabs"], split["val_frac"], split["seed"]) == \
+        ("slab", "slab", 2, 2, 0.2, 0)
+    assert {s["split"] for s in manifest["sources"]} == {"slab"}
+    assert manifest["contrasts"]["train"].keys() == manifest["contrasts"]["val"].keys() == {"T1w", "T2w"}
+    slabs = {(g["axis"], g["length"]): [range(*r) for r in g["val"]] for g in split["val_slabs"]}
+    assert len(slabs) == 6 and all(len(ranges) == 2 for ranges in slabs.values())  # two grids, three axes
+    shape_of = {s["volume"]: shapes[Path(s["path"]).name] for s in manifest["sources"]}
+    dim = {"sagittal": 0, "coronal": 1, "axial": 2}
+    by_volume = split_slices(tmp_path / "slab")
+    assert by_volume.keys() == kept.keys()
+    left_out = 0
+    for (volume, axis), roles in by_volume.items():
+        train, val = roles["train"], roles["val"]
+        ranges = slabs[axis, shape_of[volume][dim[axis]]]  # one grid's volumes share their slabs
+        assert val and train and not train & val
+        assert min(abs(v - t) for v in val for t in train) > 2, (volume, axis)  # the gap holds
+        assert val == {i for i in kept[volume, axis] if any(i in r for r in ranges)}  # whole blocks
+        assert ranges[1].start - ranges[0].stop > 2 * 2  # two blocks apart, not one at one end
+        gap = kept[volume, axis] - train - val
+        assert all(any(r.start - 2 <= i < r.stop + 2 for r in ranges) for i in gap)
+        left_out += len(gap)
+    assert left_out == manifest["gap_slices"] > 0
+    assert sum(manifest["counts"].values()) + left_out == sum(len(k) for k in kept.values())
+
+
+def test_slab_split_is_deterministic_for_a_seed(tmp_path: Path) -> None:
+    for n in range(2):
+        write_nifti(tmp_path / "src" / f"v{n}.nii.gz", brain((40, 44, 36), seed=n))
+    args = ("--size", 16, "--split", "slab", "--val-frac", 0.15, "--shard-size", 30)
+    assert run_prepare(tmp_path / "src", "--out", tmp_path / "a", *args, "--workers", 1) == 0
+    assert run_prepare(tmp_path / "src", "--out", tmp_path / "b", *args, "--workers", 2) == 0
+    assert run_prepare(tmp_path / "src", "--out", tmp_path / "c", *args, "--workers", 1, "--seed", 1) == 0
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    a, c = split_slices(tmp_path / "a"), split_slices(tmp_path / "c")
+    assert a.keys() == c.keys() and any(a[k]["val"] != c[k]["val"] for k in a)
+
+
+def test_split_mismatch_warns_when_val_holds_another_contrast_or_kind(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_nifti(src / "mni_t1.nii.gz", brain((24, 28, 22), seed=1))
+    write_nifti(src / "mni_wm.nii.gz", brain((24, 28, 22), seed=2))
+    assert run_prepare(src, "--out", tmp_path / "by-volume", "--size", 16, "--val-frac", 0.5, "--workers", 1) == 0
+    warning = shards.split_mismatch(tmp_path / "by-volume")
+    assert warning is not None and "\n" not in warning and str(tmp_path / "by-volume") in warning
+    assert "in contrast (train" in warning and "T1w" in warning and "WM" in warning and "in source kind" not in warning
+    assert run_prepare(src, "--out", tmp_path / "slab", "--size", 16, "--split", "slab", "--val-frac", 0.2,
+                       "--slab-gap", 1, "--workers", 1) == 0
+    assert shards.split_mismatch(tmp_path / "slab") is None
+    contrasts = {s["meta"]["contrast"] for s in samples(tmp_path / "slab", "val")}
+    assert contrasts == {s["meta"]["contrast"] for s in samples(tmp_path / "slab", "train")} == {"T1w", "WM"}
+
+    same = tmp_path / "same"
+    write_nifti(same / "sub-01_T1w.nii.gz", brain((16, 18, 14), seed=3))
+    write_nifti(same / "sub-02_T1w.nii.gz", brain((16, 18, 14), seed=4))
+    assert run_prepare(same, "--out", tmp_path / "same-out", "--size", 16, "--val-frac", 0.5, "--workers", 1) == 0
+    assert shards.read_manifest(tmp_path / "same-out")["counts"]["val"] > 0
+    assert shards.split_mismatch(tmp_path / "same-out") is None
+
+    kinds = tmp_path / "kinds"
+    write_nifti(kinds / "x_T1w.nii.gz", brain((16, 18, 14), seed=5))
+    write_image(kinds / "y_T1w.png", slice_image(6))
+    assert run_prepare(kinds, "--out", tmp_path / "kinds-out", "--size", 16, "--val-frac", 0.5, "--workers", 1) == 0
+    warning = shards.split_mismatch(tmp_path / "kinds-out")
+    assert warning is not None and "in source kind (train" in warning and "in contrast" not in warning
+
+
+def test_slab_split_bad_options_and_inputs_without_slices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_nifti(tmp_path / "vol" / "v.nii.gz", brain((20, 24, 18), seed=1))
+    for option, value in (("--slab-gap", -1), ("--slabs", 0), ("--val-frac", 1.0)):
+        assert run_prepare(tmp_path / "vol", "--out", tmp_path / "out", "--split", "slab", option, value) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: {option} "), err
+    with pytest.raises(SystemExit):
+        run_prepare(tmp_path / "vol", "--out", tmp_path / "out", "--split", "volume")
+    assert "invalid choice: 'volume'" in capsys.readouterr().err
+
+    for i in range(4):
+        write_image(tmp_path / "images" / f"{i}.png", slice_image(i))
+    assert run_prepare(tmp_path / "images", "--out", tmp_path / "out", "--split", "slab", "--workers", 1) == 2
+    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "--split slab" in errors[0] and "2D images" in errors[0]
+    assert "--split subject" in errors[0] and not (tmp_path / "out" / "manifest.json").exists()
+
+    # Mixed: the images are split by subject; an axis too short for a slab and its gaps goes to train.
+    write_nifti(tmp_path / "images" / "thin.nii.gz", brain((30, 34, 6), seed=2))
+    assert run_prepare(tmp_path / "images", "--out", tmp_path / "mixed", "--size", 16, "--split", "slab",
+                       "--val-frac", 0.5, "--slab-gap", 3, "--workers", 1) == 0
+    out = capsys.readouterr().out
+    assert "4 2D images have no neighbouring slices" in out and "too short for a val slab" in out
+    manifest = shards.read_manifest(tmp_path / "mixed")
+    assert {s["split"] for s in manifest["sources"] if s["kind"] == "image"} == {"train", "val"}
+    assert [g["val"] for g in manifest["split"]["val_slabs"] if g["axis"] == "axial"] == [[]]
+    thin = {axis: {split for split, indices in roles.items() if indices}
+            for (_, axis), roles in split_slices(tmp_path / "mixed").items() if axis != "2d"}
+    assert thin["axial"] == {"train"} and thin["coronal"] == {"train", "val"}
+
+
+def test_quickstart_compares_like_with_like(tmp_path: Path) -> None:
+    pytest.importorskip("nilearn")
+    from hpcgan.data.quickstart import quickstart_shards
+
+    manifest = shards.read_manifest(quickstart_shards(tmp_path / "qs"))
+    assert manifest["split"]["method"] == "slab" and manifest["counts"]["train"] >= 700
+    assert manifest["contrasts"]["train"].keys() == manifest["contrasts"]["val"].keys() == {"T1w", "GM", "WM"}
+    assert shards.split_mismatch(tmp_path / "qs") is None

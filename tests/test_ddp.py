@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY, assert_identical, cli_env, final_weights
+from helpers import REPO, TINY, assert_identical, cli_env, final_weights
 
 pytestmark = pytest.mark.slow
 

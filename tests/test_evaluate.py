@@ -8,11 +8,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hpcgan.cli import main
-from hpcgan.config import build_config
-from hpcgan.train import Trainer
 from hpcgan.train.checkpoint import is_complete
 
-from conftest import TINY
+from helpers import make_trainer
 from test_metrics import TinyInception, save_script
 
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
@@ -22,10 +20,8 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated
 def evaluated_run(image_folder, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     out = tmp / "run"
-    cfg = build_config(overrides=[f"data.path={image_folder}", *TINY, "train.steps=6", "metrics.every=2",
-                                  "metrics.n=24", "track.enabled=true", f"track.uri=sqlite:///{tmp / 'db'}",
-                                  "track.experiment=eval"])
-    trainer = Trainer(cfg, out)
+    trainer = make_trainer(image_folder, out, "train.steps=6", "metrics.every=2", "metrics.n=24",
+                           "track.enabled=true", f"track.uri=sqlite:///{tmp / 'db'}", "track.experiment=eval")
     assert trainer.fit() == 0
     return trainer, out, tmp
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import TINY, assert_identical, cli_env, final_weights, hpcgan_cmd, run_cli
+from helpers import assert_identical, cli_env, final_weights, hpcgan_cmd, run_cli, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +17,7 @@ STEPS = 30
 
 
 def args(data, out):
-    sets = [*TINY, f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=2"]
-    return ["train", "--data", str(data), "--out", str(out), *[a for kv in sets for a in ("--set", kv)]]
+    return train_args(data, out, f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=2")
 
 
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, assert_identical, cli_env, final_weights
+from helpers import REPO, TINY, assert_identical, cli_env, final_weights
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ import pytest
 
 from hpcgan.launch.submit import LaunchError, parse_mem_gb, parse_time, point_name, sweep_points
 
-from conftest import REPO, TINY, cli_env, final_weights
+from helpers import REPO, TINY, cli_env, final_weights
 
 
 @pytest.mark.parametrize("text, minutes", [("90", 90), ("30:00", 30), ("24:00:00", 1440), ("1-12:00:00", 2160),

@@ -16,11 +16,7 @@ import torch
 from hpcgan.train.checkpoint import CheckpointError, CheckpointManager
 from hpcgan.train.run_folder import RunFolder, RunLock, RunLockedError
 
-from conftest import TINY, cli_env, hpcgan_cmd, run_cli
-
-
-def train_args(data, out, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(out), *[a for kv in [*TINY, *extra] for a in ("--set", kv)]]
+from helpers import cli_env, hpcgan_cmd, run_cli, train_args
 
 
 def test_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(image_folder, tmp_path):

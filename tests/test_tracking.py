@@ -13,16 +13,14 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hpcgan.config import build_config
-from hpcgan.train import EXIT_INTERRUPTED, Trainer
+from hpcgan.train import EXIT_INTERRUPTED
 
-from conftest import TINY
+from helpers import make_trainer
 
 
 def tracked_trainer(data, out, uri, *extra):
-    sets = [f"data.path={data}", *TINY, "track.enabled=true", f"track.uri={uri}", "track.experiment=t",
-            "track.flush_every_s=0.2", "train.sample_every=4", *extra]
-    return Trainer(build_config(overrides=sets), out)
+    return make_trainer(data, out, "track.enabled=true", f"track.uri={uri}", "track.experiment=t",
+                        "track.flush_every_s=0.2", "train.sample_every=4", *extra)
 
 
 def signal_after_lines(path, lines: int) -> threading.Thread:

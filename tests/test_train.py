@@ -13,17 +13,12 @@ import torch
 
 import hpcgan
 from hpcgan.cli import main
-from hpcgan.config import build_config
-from hpcgan.train import EXIT_INTERRUPTED, Trainer
+from hpcgan.train import EXIT_INTERRUPTED
 from hpcgan.train.checkpoint import MARKER, CheckpointManager
 from hpcgan.train.precision import resolve_mixed_precision
 
-from conftest import TINY, assert_identical, cli_env, final_weights, hpcgan_cmd, run_cli
+from helpers import TINY, assert_identical, cli_env, final_weights, hpcgan_cmd, make_trainer, run_cli, train_args
 from data_factories import make_shards
-
-
-def make_trainer(data, out, *extra: str) -> Trainer:
-    return Trainer(build_config(overrides=[f"data.path={data}", *TINY, *extra]), out)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +165,7 @@ def test_load_generator_and_sample_cli(image_folder, tmp_path):
 
 # ---------------------------------------------------------------- bad input: one clear line each
 def train_cli(capsys, data, out, *extra):
-    code = main(["train", "--data", str(data), "--out", str(out), *[a for kv in [*TINY, *extra] for a in ("--set", kv)]])
+    code = main(train_args(data, out, *extra))
     err = capsys.readouterr().err.strip().splitlines()
     return code, err[-1] if err else ""
 
@@ -185,7 +180,7 @@ def test_missing_and_empty_data(capsys, tmp_path):
 
 
 def test_corrupt_and_mixed_size_images(capsys, tmp_path):
-    from conftest import write_image_folder
+    from helpers import write_image_folder
     data = write_image_folder(tmp_path / "d", n=4)
     (data / "slice_0002.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     code, err = train_cli(capsys, data, tmp_path / "run")

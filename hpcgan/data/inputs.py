@@ -3,7 +3,9 @@
 Kinds: 2D images (PNG/JPG/TIFF/BMP), NIfTI volumes (.nii, .nii.gz; 3D or 4D) and DICOM series (grouped
 by series UID). A subject is what the train/val split keeps together: the DICOM patient, a BIDS
 `sub-XX` part of the path, or a `--subject-regex` match on the file name; without one, each volume (or
-2D image) is its own subject. A label is the name of the folder holding an image or NIfTI file.
+2D image) is its own subject. A label is the name of the folder holding an image or NIfTI file. A
+contrast (T1w, FLAIR, GM, ...) is read from a word of an image or NIfTI file name, so that a split whose
+val holds other contrasts than its train can be told apart from one that generalises.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ _DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
 _BIDS_SUBJECT = re.compile(r"^(sub-[A-Za-z0-9]+)(?:$|[_.])")
 _BIDS_FOLDERS = {"anat", "func", "dwi", "fmap", "perf", "pet"}  # data-type folders, not class labels
 _PREFIX = {"image": "img", "nifti": "nii", "dicom": "dcm"}
+_CONTRASTS = {  # a word of a file name (BIDS suffix, BraTS or template naming) -> the contrast's name
+    "t1": "T1w", "t1w": "T1w", "mprage": "T1w", "t1ce": "T1gd", "t1gd": "T1gd", "t2": "T2w", "t2w": "T2w",
+    "flair": "FLAIR", "pd": "PDw", "pdw": "PDw", "t2star": "T2starw", "t2starw": "T2starw", "swi": "SWI",
+    "dwi": "DWI", "bold": "BOLD", "gm": "GM", "wm": "WM", "csf": "CSF",
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class Volume:
     label: str
     subject_key: str  # what the split keeps together; in memory only (may hold a DICOM patient ID)
     has_subject: bool  # False: the subject is the volume itself
+    contrast: str = ""  # T1w, FLAIR, GM, ...; "" when the file name does not say
 
     @property
     def volume_id(self) -> str:
@@ -116,6 +124,13 @@ def _label(rel: Path) -> str:
     if parent in _BIDS_FOLDERS or parent.startswith(("sub-", "ses-")):
         return ""
     return parent
+
+
+def contrast(name: str) -> str:
+    """The contrast a file name states, its last word that names one (`sub-01_T1w.nii.gz` -> T1w,
+    `BraTS_001_flair.nii` -> FLAIR, `mni_icbm152_gm_tal_nlin_sym_09a.nii` -> GM); "" when none does."""
+    words = re.split(r"[^a-z0-9]+", name.lower().removesuffix(".gz").rsplit(".", 1)[0])
+    return next((_CONTRASTS[w] for w in reversed(words) if w in _CONTRASTS), "")
 
 
 def _subject(root: int, rel: Path, regex: re.Pattern[str] | None) -> str | None:
@@ -195,7 +210,7 @@ def discover(sources: list[Path], *, subject_regex: re.Pattern[str] | None = Non
         subject = _subject(root, rel, subject_regex)
         display = str(sources[root] / rel) if sources[root].is_dir() else str(sources[root])
         volumes.append(Volume(kind, (file,), digest, display, _label(rel), subject or f"file/{digest}",
-                              subject is not None))
+                              subject is not None, contrast(rel.name)))
     for members in series.values():
         members.sort(key=lambda m: m[1])
         digest = hashlib.sha256("".join(m[1] for m in members).encode()).hexdigest()

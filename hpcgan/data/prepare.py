@@ -5,8 +5,9 @@ the input contents and every setting):
 1. process: each unit (one volume, or a batch of 2D images) is decoded and preprocessed in a worker
    process; its PNGs go to units/<n>.bin and its records to units/<n>.json, written last. Done units
    are skipped on resume.
-2. write: each split's samples are put in a seeded order and cut into shards, each written to a .part
-   file, renamed, and recorded in shards.json. Recorded shards are skipped on resume.
+2. write: every slice gets its split (by subject, or by slabs, which needs every volume's kept slices),
+   each split's samples are put in a seeded order and cut into shards, each written to a .part file,
+   renamed, and recorded in shards.json. Recorded shards are skipped on resume.
 3. manifest.json is written last; a re-run whose fingerprint matches it is a no-op.
 """
 
@@ -35,10 +36,11 @@ from hpcgan.data import dicom, inputs, shards
 from hpcgan.data.inputs import Problem, Volume
 from hpcgan.data.preprocess import AXES, CROPS, Settings, Slice, image_slices, volume_slices
 from hpcgan.data.reader import DataError
-from hpcgan.data.split import assign_splits
+from hpcgan.data.split import assign_splits, slab_role, val_slabs
 
 _IMAGES_PER_UNIT = 256  # 2D images are processed in batches, so resume state stays a few files
 _WORK = ".prepare"
+SPLIT_METHODS = ("subject", "slab")
 
 
 @dataclass
@@ -52,6 +54,22 @@ class Options:
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     strict: bool = False
     progress: bool = True
+    split: str = "subject"  # subject | slab
+    slab_gap: int = 4  # slices on each side of a val slab that go to neither split
+    slabs: int = 3  # val slabs per volume axis
+
+    def __post_init__(self) -> None:
+        """One-line errors named after the `prepare` option to fix."""
+        if self.split not in SPLIT_METHODS:
+            raise ValueError(f"--split {self.split}: choose from {', '.join(SPLIT_METHODS)}")
+        if not 0.0 <= self.val_frac < 1.0:
+            raise ValueError(f"--val-frac {self.val_frac}: must be in [0, 1)")
+        for option, value in (("--shard-size", self.shard_size), ("--workers", self.workers),
+                              ("--slabs", self.slabs)):
+            if value < 1:
+                raise ValueError(f"{option} {value}: must be at least 1")
+        if self.slab_gap < 0:
+            raise ValueError(f"--slab-gap {self.slab_gap}: must be 0 or more slices")
 
 
 @dataclass
@@ -66,7 +84,6 @@ class Report:
 class _Task:
     number: int
     volumes: tuple[Volume, ...]
-    splits: tuple[str, ...]  # per volume
     subjects: tuple[str, ...]  # per volume: the subject id written to samples
     settings: Settings
     unit_dir: Path
@@ -103,7 +120,7 @@ def _process_unit(task: _Task) -> int:
     sources: list[dict[str, Any]] = []
     skipped = duplicates = 0
     blob = bytearray()
-    for volume, split, subject in zip(task.volumes, task.splits, task.subjects, strict=True):
+    for volume, subject in zip(task.volumes, task.subjects, strict=True):
         try:
             kept, n_skipped, dropped, modality = _slices(volume, task.settings)
         except DataError as err:
@@ -124,8 +141,8 @@ def _process_unit(task: _Task) -> int:
                 unique.append((volume_id, piece))
         duplicates += len(kept) - len(unique)
         kept = unique
-        source = {"kind": volume.kind, "volume": volume.volume_id, "sha256": volume.sha256, "split": split,
-                  "slices": len(kept)}
+        source = {"kind": volume.kind, "volume": volume.volume_id, "sha256": volume.sha256,
+                  "contrast": volume.contrast, "slices": len(kept)}
         if volume.kind == "dicom":
             source |= {"files": len(volume.files), "modality": modality}
         else:
@@ -133,14 +150,15 @@ def _process_unit(task: _Task) -> int:
         sources.append(source)
         for volume_id, piece in kept:
             meta = {"source_sha256": volume.sha256, "volume": volume_id, "subject": subject,
-                    "kind": volume.kind, "axis": piece.axis, "slice": piece.index, "label": volume.label}
+                    "kind": volume.kind, "axis": piece.axis, "slice": piece.index, "label": volume.label,
+                    "contrast": volume.contrast}
             if modality:
                 meta["modality"] = modality
             pngs = {}
             for size, png in piece.pngs.items():
                 pngs[str(size)] = [len(blob), len(png)]
                 blob += png
-            samples.append({"key": f"{volume_id}-{piece.axis}-{piece.index:04d}", "split": split,
+            samples.append({"key": f"{volume_id}-{piece.axis}-{piece.index:04d}", "length": piece.length,
                             "meta": meta, "pngs": pngs})
     stem = task.unit_dir / f"u{task.number:06d}"
     stem.with_suffix(".bin").write_bytes(bytes(blob))
@@ -240,7 +258,8 @@ def _fingerprint(volumes: list[Volume], settings: Settings, options: Options) ->
     spec = {
         "format": shards.FORMAT, "settings": settings.to_json(), "val_frac": options.val_frac,
         "seed": options.seed, "shard_size": options.shard_size, "subject_regex": options.subject_regex,
-        "volumes": [[v.kind, v.sha256, v.label, hashlib.sha256(v.subject_key.encode()).hexdigest()]
+        "split": [options.split] + ([options.slab_gap, options.slabs] if options.split == "slab" else []),
+        "volumes": [[v.kind, v.sha256, v.label, v.contrast, hashlib.sha256(v.subject_key.encode()).hexdigest()]
                     for v in volumes],
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -270,15 +289,59 @@ def _subject_ids(volumes: list[Volume]) -> dict[str, str]:
             for key, ids in members.items()}
 
 
-def _tasks(volumes: list[Volume], splits: dict[str, str], subject_ids: dict[str, str], settings: Settings,
-           unit_dir: Path) -> list[_Task]:
+def _tasks(volumes: list[Volume], subject_ids: dict[str, str], settings: Settings, unit_dir: Path) -> list[_Task]:
     groups: list[list[Volume]] = []
     images = [v for v in volumes if v.kind == "image"]
     groups += [images[i:i + _IMAGES_PER_UNIT] for i in range(0, len(images), _IMAGES_PER_UNIT)]
     groups += [[v] for v in volumes if v.kind != "image"]
-    return [_Task(n, tuple(g), tuple(splits[v.subject_key] for v in g),
-                  tuple(subject_ids[v.subject_key] for v in g), settings, unit_dir)
+    return [_Task(n, tuple(g), tuple(subject_ids[v.subject_key] for v in g), settings, unit_dir)
             for n, g in enumerate(groups)]
+
+
+def _split_samples(samples: list[dict[str, Any]], sources: list[dict[str, Any]], volumes: list[Volume],
+                   subject_ids: dict[str, str], options: Options) -> dict[str, Any]:
+    """Set every sample's "split" (train, val, or gap: neither) and every source's; return the manifest's
+    record of the split.
+
+    Slab split: slices of one axis of one voxel grid (volumes with as many slices along it: the frames
+    of a 4D file, co-registered maps) share their val slabs, placed over the extent of their kept
+    slices. What has no neighbouring slices (2D images, one-slice series) is split by subject.
+    """
+    slab = options.split == "slab"
+    by_slab = [s for s in samples if slab and s["length"] > 1]
+    flat = [s for s in samples if not (slab and s["length"] > 1)]
+    flat_sources = {s["meta"]["source_sha256"] for s in flat}
+    by_subject = [v for v in volumes if not slab or v.kind == "image" or v.sha256 in flat_sources]
+    assigned = assign_splits({v.subject_key for v in by_subject}, options.val_frac, options.seed)
+    keys = {subject_ids[v.subject_key]: v.subject_key for v in volumes}
+    for sample in flat:
+        sample["split"] = assigned[keys[sample["meta"]["subject"]]]
+    no_subject = any(v.kind == "image" and not v.has_subject for v in volumes)
+    record: dict[str, Any] = {"method": options.split, "val_frac": options.val_frac, "seed": options.seed,
+                              "subject_regex": options.subject_regex,
+                              "unit": "slab" if slab else "file" if no_subject else "subject"}
+    if slab:
+        grids: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for sample in by_slab:
+            grids.setdefault((sample["meta"]["axis"], sample["length"]), []).append(sample)
+        layout = []
+        for (axis, length), members in sorted(grids.items()):
+            indices = [m["meta"]["slice"] for m in members]
+            slabs = val_slabs(min(indices), max(indices), options.val_frac, options.slabs, options.slab_gap,
+                              key=f"{options.seed}\0{axis}\0{length}")
+            layout.append({"axis": axis, "length": length, "val": [[r.start, r.stop] for r in slabs]})
+            for member in members:
+                member["split"] = slab_role(member["meta"]["slice"], slabs, options.slab_gap)
+        record |= {"slab_gap": options.slab_gap, "slabs": options.slabs, "val_slabs": layout}
+    subject_of = {v.sha256: v.subject_key for v in by_subject}
+    roles = Counter((s["meta"]["source_sha256"], s["split"]) for s in by_slab)
+    for source in sources:
+        if source["sha256"] in subject_of:
+            source["split"] = assigned[subject_of[source["sha256"]]]
+        else:
+            source["split"] = "slab"
+            source["split_slices"] = {r: roles[source["sha256"], r] for r in ("train", "val", "gap")}
+    return record
 
 
 def prepare(sources: list[Path], out: Path, settings: Settings, options: Options,
@@ -315,6 +378,10 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
         _report_problems(problems, echo)
         echo("error: nothing usable found; nothing written")
         return Report(1, problems=problems)
+    if options.split == "slab" and kinds["image"] == len(volumes):
+        echo(f"error: --split slab: all {len(volumes)} inputs are 2D images, which have no neighbouring slices "
+             "to keep apart; use --split subject (the default)")
+        return Report(2, problems=problems)
     hashes.save()
 
     fingerprint = _fingerprint(volumes, settings, options)
@@ -337,13 +404,16 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
             shutil.rmtree(stale)
     (work / "units").mkdir(parents=True, exist_ok=True)
 
-    splits_by_subject = assign_splits({v.subject_key for v in volumes}, options.val_frac, options.seed)
     no_subject = [v for v in volumes if v.kind == "image" and not v.has_subject]
     if no_subject:
         echo(f"note: {len(no_subject)} of {kinds['image']} 2D images have no subject (no DICOM/NIfTI "
              "source, BIDS sub-XX folder or --subject-regex match): their split is per file, so slices "
              "of one brain may fall in both train and val")
-    tasks = _tasks(volumes, splits_by_subject, _subject_ids(volumes), settings, work / "units")
+    if options.split == "slab" and kinds["image"]:
+        echo(f"note: --split slab: the {kinds['image']} 2D images have no neighbouring slices; they are split "
+             "by subject")
+    subject_ids = _subject_ids(volumes)
+    tasks = _tasks(volumes, subject_ids, settings, work / "units")
     _run_units(tasks, options.workers, options.progress)
 
     samples: list[tuple[int, dict[str, Any]]] = []
@@ -357,6 +427,11 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
         duplicates += record["duplicates"]
         problems += [Problem(*p) for p in record["problems"]]
     _report_problems(problems, echo)
+    split = _split_samples([s for _, s in samples], sources_list, volumes, subject_ids, options)
+    short = [f"{g['axis']} of {g['length']} slices" for g in split.get("val_slabs", []) if not g["val"]]
+    if short and options.val_frac > 0:
+        echo(f"note: {len(short)} volume axes ({', '.join(short)}) are too short for a val slab with "
+             f"--val-frac {options.val_frac} and --slab-gap {options.slab_gap}: all their slices went to train")
     counts = Counter(s["split"] for _, s in samples)
     if options.strict and problems:
         echo(f"error: {len(problems)} bad inputs and --strict given; no shards written")
@@ -370,7 +445,7 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
     for path in _shard_files(out):
         if path.name not in keep:
             path.unlink()
-    used = {split: {v["volume"] for v in sources_list if v["split"] == split} for split in shards.SPLITS}
+    per_split = {name: [s["meta"] for _, s in samples if s["split"] == name] for name in shards.SPLITS}
     manifest = {
         "format": shards.FORMAT,
         "fingerprint": fingerprint,
@@ -378,14 +453,16 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
         "bit_depth": settings.bit_depth,
         "channels": 1,
         "settings": settings.to_json(),
-        "split": {"val_frac": options.val_frac, "seed": options.seed, "subject_regex": options.subject_regex,
-                  "unit": "file" if no_subject else "subject"},
-        "counts": {split: counts[split] for split in shards.SPLITS},
-        "volumes": {split: len(used[split]) for split in shards.SPLITS},
-        "subjects": {split: len({s["meta"]["subject"] for _, s in samples if s["split"] == split})
-                     for split in shards.SPLITS},
+        "split": split,
+        "counts": {name: len(metas) for name, metas in per_split.items()},
+        "volumes": {name: len({m["source_sha256"] for m in metas}) for name, metas in per_split.items()},
+        "subjects": {name: len({m["subject"] for m in metas}) for name, metas in per_split.items()},
+        "contrasts": {name: dict(sorted(Counter(m["contrast"] for m in metas).items()))
+                      for name, metas in per_split.items()},
+        "kinds": {name: dict(sorted(Counter(m["kind"] for m in metas).items())) for name, metas in per_split.items()},
         "skipped_slices": skipped,
         "duplicate_slices": duplicates,
+        "gap_slices": counts["gap"],
         "bad_inputs": len(problems),
         "shards": records,
         "roots": [str(s) for s in sources],
@@ -395,7 +472,8 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
     shutil.rmtree(work)
     echo(f"wrote {out}: train {counts['train']} images ({manifest['subjects']['train']} subjects), "
          f"val {counts['val']} images ({manifest['subjects']['val']} subjects) in {len(records)} shards; "
-         f"{skipped} slices skipped (too little foreground), {duplicates} identical slices of one volume "
+         + (f"{counts['gap']} slices left out in the gaps around val slabs, " if options.split == "slab" else "")
+         + f"{skipped} slices skipped (too little foreground), {duplicates} identical slices of one volume "
          f"stored once; {len(problems)} bad inputs")
     return Report(0, counts=dict(counts), problems=problems)
 
@@ -441,7 +519,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axes", type=_axes, default=d.axes, metavar="A[,A...]",
                         help="slice volumes along these axes (default axial,coronal,sagittal)")
     parser.add_argument("--val-frac", type=float, default=o.val_frac,
-                        help="fraction of subjects held out for validation (default 0.1)")
+                        help="fraction held out for validation: of the subjects, or with --split slab of each "
+                             "volume axis's slices (default 0.1)")
+    parser.add_argument("--split", choices=SPLIT_METHODS, default=o.split,
+                        help="keep whole subjects apart (default), or, for collections of few subjects, hold "
+                             "out slabs of slices of every volume (2D images are still split by subject)")
+    parser.add_argument("--slab-gap", type=int, default=o.slab_gap, metavar="N",
+                        help=f"--split slab: slices on each side of a val slab left out of both splits, so "
+                             f"near-identical neighbours never straddle the split (default {o.slab_gap})")
+    parser.add_argument("--slabs", type=int, default=o.slabs, metavar="K",
+                        help=f"--split slab: val slabs per volume axis, spread over the brain (default {o.slabs})")
     parser.add_argument("--shard-size", type=int, default=o.shard_size, help="samples per shard (default 1000)")
     parser.add_argument("--workers", type=int, default=o.workers,
                         help="preprocessing processes (default: the CPU count, at most 8)")
@@ -468,13 +555,12 @@ def run(args: argparse.Namespace) -> int:
         settings = Settings(sizes=args.size, axes=args.axes, clip=args.clip,
                             foreground_threshold=args.foreground_threshold, min_foreground=args.min_foreground,
                             crop=args.crop, bit_depth=args.bit_depth)
-        if args.shard_size < 1 or args.workers < 1 or not 0.0 <= args.val_frac < 1.0:
-            raise ValueError("--shard-size and --workers must be >= 1 and --val-frac in [0, 1)")
+        options = Options(val_frac=args.val_frac, seed=args.seed, shard_size=args.shard_size,
+                          subject_regex=args.subject_regex, workers=args.workers, strict=args.strict,
+                          split=args.split, slab_gap=args.slab_gap, slabs=args.slabs)
         if args.subject_regex:
             re.compile(args.subject_regex)
     except (ValueError, re.error) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    options = Options(val_frac=args.val_frac, seed=args.seed, shard_size=args.shard_size,
-                      subject_regex=args.subject_regex, workers=args.workers, strict=args.strict)
     return prepare(args.sources, args.out, settings, options).exit_code

@@ -60,6 +60,7 @@ class Slice:
     axis: str  # axial | coronal | sagittal, or "2d" for an input that was a 2D image
     index: int  # position along the axis in the RAS+ volume (0 for 2D inputs)
     pngs: dict[int, bytes]  # target size -> encoded PNG
+    length: int = 1  # slices along the axis in the volume, kept or not (1 for 2D inputs)
 
 
 def normalise(data: np.ndarray, clip: tuple[float, float]) -> np.ndarray:
@@ -170,7 +171,7 @@ def volume_slices(volume: np.ndarray, zooms: tuple[float, float, float],
             if pngs is None:
                 skipped += 1
             else:
-                kept.append(Slice(axis, index, pngs))
+                kept.append(Slice(axis, index, pngs, data.shape[dim]))
     return kept, skipped
 
 

@@ -3,7 +3,8 @@
 A shard folder holds `train-000000.tar`, `val-000000.tar`, ... each with an index file beside it
 (`train-000000.idx`, DALI's wds2idx v1.2 format), and `manifest.json`. A sample is one tar member per
 resolution, `<key>.<size>.png`, plus `<key>.json`. Readers validate shards against the manifest and
-the index before reading, so a damaged shard fails in one line that names it.
+the index before reading, so a damaged shard fails in one line that names it. Only this module reads and
+writes the manifest; `split_mismatch` tells callers when val is not like train.
 """
 
 from __future__ import annotations
@@ -148,6 +149,29 @@ def read_manifest(shard_dir: Path) -> dict[str, Any]:
 def fingerprint(shard_dir: Path) -> str:
     """A short hash of the manifest: names one prepared data set in caches (floors, feature spaces)."""
     return hashlib.sha256((Path(shard_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
+
+
+def split_mismatch(shard_dir: Path) -> str | None:
+    """One line saying how val differs from train in contrast or source kind, or None when it does not.
+
+    Val metrics of such shards measure that difference, not generalisation. None too when there is no
+    val split or the manifest predates these records. The line starts with the folder, without a
+    "warning:" prefix.
+    """
+    manifest = read_manifest(shard_dir)
+    if not manifest.get("counts", {}).get("val"):
+        return None
+    differences = []
+    for field, what in (("contrasts", "contrast"), ("kinds", "source kind")):
+        train, val = (sorted(manifest.get(field, {}).get(split, {})) for split in SPLITS)
+        if train != val:
+            differences.append(f"{what} (train {', '.join(n or 'unknown' for n in train) or 'none'}; "
+                               f"val {', '.join(n or 'unknown' for n in val) or 'none'})")
+    if not differences:
+        return None
+    return (f"{shard_dir}: val differs from train in {' and '.join(differences)}, so val metrics measure that "
+            "difference, not generalisation; re-run hpcgan prepare with --split slab, or with val subjects of "
+            "the same contrasts and kinds as train")
 
 
 def write_manifest(shard_dir: Path, manifest: dict[str, Any]) -> None:
