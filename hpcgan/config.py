@@ -102,6 +102,7 @@ class TrackConfig:
     run_name: str = ""
     log_model: bool = True  # final EMA generator as an MLflow model
     flush_every_s: float = 2.0
+    system_metrics_every_s: float = 10.0  # MLflow system metrics (CPU, memory, disk, GPU) sampling; 0 disables
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -112,7 +113,7 @@ def resolve_tracking_uri(uri: str) -> str:
 
 @dataclass
 class MetricsConfig:
-    every: int = 0  # steps between in-loop metrics; 0 disables
+    every: int = 500  # steps between in-loop metrics (EMA samples vs held-out slices); 0 disables
     names: list[str] = field(default_factory=lambda: ["swd", "msssim"])
     n: int = 1024  # generated and real images per in-loop evaluation
     best: str = "swd"  # metric that selects best/ (lower is better)

@@ -106,3 +106,12 @@ def test_real_server_on_loopback_gets_metrics_samples_and_model(image_folder, tm
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_system_metrics_are_sampled_into_the_run(image_folder, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trainer = tracked_trainer(image_folder, tmp_path / "run", uri, "train.steps=60", "track.system_metrics_every_s=0.3")
+    assert trainer.fit() == 0
+    run = MlflowClient(uri).get_run(trainer.state.mlflow_run_id)
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system

@@ -57,7 +57,8 @@ class Tracker:
     """One MLflow run; all public methods return at once."""
 
     def __init__(self, *, uri: str, experiment: str, run_name: str, params: dict[str, Any],
-                 tags: dict[str, str], run_id: str | None = None, flush_every_s: float = 2.0) -> None:
+                 tags: dict[str, str], run_id: str | None = None, flush_every_s: float = 2.0,
+                 system_metrics_every_s: float = 0.0) -> None:
         self.uri = resolve_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment, self.run_name = experiment, run_name
@@ -70,6 +71,8 @@ class Tracker:
         self._warned = False
         self._started = False
         self._flush_every_s = flush_every_s
+        self._system_every_s = system_metrics_every_s
+        self._system: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
         self._try(self._start_run)  # best effort now, so the id is known for the first checkpoint
@@ -84,6 +87,8 @@ class Tracker:
 
     def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> bool:
         """Flush and end the run; False (with a warning) when records could not be delivered."""
+        if self._system is not None:
+            self._system.finish()
         self._stop.set()
         self._thread.join(timeout_s)
         self._drain()
@@ -145,6 +150,18 @@ class Tracker:
         for i in range(0, max(len(new), 1), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=new[i:i + 100], tags=tags if i == 0 else [])
         self._started = True
+        self._start_system_metrics()
+
+    def _start_system_metrics(self) -> None:
+        """MLflow's own sampler of CPU, memory, disk, network (and GPU where visible) as `system/*`,
+        continuing the step count of a resumed run."""
+        if self._system_every_s <= 0 or self._system is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system = SystemMetricsMonitor(self.run_id, sampling_interval=self._system_every_s,
+                                            resume_logging=True, tracking_uri=self.uri)
+        self._system.start()
 
     def _flush(self) -> None:
         self._start_run()

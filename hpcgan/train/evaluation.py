@@ -1,14 +1,23 @@
-"""Quality metrics inside the training loop: EMA samples against a fixed held-out real subset.
+"""Quality metrics inside the training loop: EMA samples against a fixed held-out real subset, each
+number beside its real floor.
 
 The real subset, its cached statistics and the latent vectors are fixed at start, so every evaluation
 measures the same thing and curves are comparable across restarts. Each rank generates its share; the
 metrics package gathers the shares and all ranks get the same numbers. Nothing here touches the
 training RNG streams (every draw uses its own seeded generator), so metrics never change training.
+
+The floor is what real slices score under the same protocol: training slices against the held-out set
+(`floor`: what a generator that draws from the training distribution would score) and two halves of
+the training slices (`floor_halves`). A number means something only beside it: an SWD of 61 says
+little until one knows that real-vs-real scores 12. Floors are computed once per data set and cached
+by its fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -28,6 +37,43 @@ def dataset_key(path: str) -> str:
     return hashlib.sha256(f"{Path(path).resolve()}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def _floor_cache() -> Path:
+    root = os.environ.get("HPCGAN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hpcgan"
+    return Path(root) / "floors"
+
+
+def real_floors(path: str, names: list[str], size: int, n: int, seed: int) -> dict[str, float]:
+    """`{"floor/<metric>": train vs held-out, "floor_halves/<metric>": train half vs half}` for `n` images
+    a side (fewer where the data is smaller), cached by the data set's fingerprint."""
+    cache = _floor_cache() / f"{dataset_key(path)}-r{size}-n{n}-seed{seed}-{'-'.join(sorted(names))}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    train = load_real(path, split="train", size=size)
+    heldout = load_real(path, split="val", size=size)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 2))
+    k = min(n, len(train) // 2)
+    first, second = to_unit(train[order[:k]]), to_unit(train[order[k:2 * k]])
+    pick = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(seed))[:n]
+    floors = {f"floor/{key}": v for key, v in M.evaluate(names, to_unit(heldout[pick]), first, seed=seed).items()
+              if isinstance(v, float)}
+    floors.update({f"floor_halves/{key}": v for key, v in M.evaluate(names, first, second, seed=seed).items()
+                   if isinstance(v, float)})
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(floors))
+    tmp.replace(cache)
+    return floors
+
+
+def with_floors(values: dict[str, float], floors: dict[str, float]) -> str:
+    """`swd 61.0 (floor 12.1)  msssim 0.290 (floor 0.110)`: every number beside its real floor."""
+    parts = []
+    for key, value in values.items():
+        floor = floors.get(f"floor/{key}")
+        parts.append(f"{key} {value:.4g}" + (f" (floor {floor:.4g})" if floor is not None else ""))
+    return "  ".join(parts)
+
+
 class InLoopMetrics:
     def __init__(self, cfg: Config, device: torch.device, cache_dir: Path) -> None:
         mcfg = cfg.metrics
@@ -43,6 +89,8 @@ class InLoopMetrics:
         if self.extractor is not None and M.uses_features(self.names):
             key = f"{dataset_key(cfg.data.path)}-r{cfg.model.resolution}-n{n}-seed{cfg.seed}"
             self.stats = M.compute_real_stats(self.real, self.extractor, cache=M.RealStatsCache(cache_dir), key=key)
+        self.floors = real_floors(cfg.data.path, [m for m in self.names if not M.uses_features([m])],
+                                  cfg.model.resolution, n, cfg.seed)
 
     def __call__(self, generator: torch.nn.Module) -> dict[str, float]:
         result = M.evaluate_distributed(self.names, self.real, generate(generator, self.z), extractor=self.extractor,

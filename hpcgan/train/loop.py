@@ -253,8 +253,7 @@ class Trainer:
                 self.run.write_config(self.cfg)
                 log.info("training on %s x %d in %s (train.mixed_precision=%s)", self.device.type, self.world,
                          precision_name(self.precision), self.cfg.train.mixed_precision)
-            self.state.mlflow_run_id = self.report.start(self.state.mlflow_run_id, precision_name(self.precision),
-                                                         self.state.restarts, self.state.step, self.total_steps)
+            self.report.start(self.state, precision_name(self.precision), self.total_steps)
             self.interrupt.install()
             try:
                 return self._loop(lock)

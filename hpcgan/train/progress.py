@@ -13,6 +13,7 @@ import torch
 from hpcgan.config import Config
 from hpcgan.train.run_folder import RunFolder
 from hpcgan.train.samples import generate, save_grid
+from hpcgan.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +67,33 @@ class Reporter:
         self.fixed_noise = torch.randn(64, cfg.model.nz, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
         self._bar: Any = None
 
-    def start(self, mlflow_run_id: str | None, precision: str, restarts: int, step: int, total: int) -> str | None:
-        """Open tracking (continuing `mlflow_run_id`), in-loop metrics and the progress bar; returns the run id."""
+    def start(self, state: TrainState, precision: str, total: int) -> None:
+        """Open tracking (continuing the state's MLflow run), in-loop metrics and the progress bar."""
+        step = state.step
         if self.is_main and self.cfg.track.enabled:
-            self.tracker = start_tracking(self.cfg, self.run, mlflow_run_id, precision)
-            mlflow_run_id = self.tracker.run_id
-            if restarts:
-                self.tracker.log_metrics({"restarts": restarts}, step)
-        if self.cfg.metrics.every:
+            self.tracker = start_tracking(self.cfg, self.run, state.mlflow_run_id, precision)
+            state.mlflow_run_id = self.tracker.run_id
+            if state.restarts:
+                self.tracker.log_metrics({"restarts": state.restarts}, step)
+        if 0 < self.cfg.metrics.every <= total:
             from hpcgan.train.evaluation import InLoopMetrics
 
             self.metrics = InLoopMetrics(self.cfg, self.device, cache_dir=self.run.cache)
+            self.write(step, state.images_seen, self.metrics.floors)
+            if self.is_main:
+                log.info("real floors (train vs held-out; halves of train): %s",
+                         "  ".join(f"{k} {v:.4g}" for k, v in self.metrics.floors.items()))
         if self.is_main and sys.stderr.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
-        return mlflow_run_id
 
     def write(self, step: int, images_seen: int, values: dict[str, float]) -> None:
+        """One record: to the metrics log, and to MLflow with `images_seen` beside it (a chart's x-axis)."""
         if self.is_main:
             self.run.append_metrics({"step": step, "images_seen": images_seen, **values})
             if self.tracker:
-                self.tracker.log_metrics(values, step)
+                self.tracker.log_metrics({**values, "images_seen": images_seen}, step)
 
     def log_step(self, step: int, total: int, images_seen: int, record: dict[str, float]) -> None:
         self.write(step, images_seen, record)
@@ -106,8 +112,12 @@ class Reporter:
                 self.tracker.log_artifact(path, "samples")
 
     def evaluate(self, generator: torch.nn.Module, step: int, images_seen: int) -> dict[str, float]:
+        from hpcgan.train.evaluation import with_floors
+
         values = self.metrics(generator)
         self.write(step, images_seen, {f"eval/{k}": v for k, v in values.items()})
+        if self.is_main:
+            log.info("eval step %d: %s", step, with_floors(values, self.metrics.floors))
         return values
 
     def finish(self, status: str, generator: torch.nn.Module | None = None) -> None:
@@ -131,7 +141,7 @@ def start_tracking(cfg: Config, run: RunFolder, run_id: str | None, precision: s
     tcfg = cfg.track
     tracker = Tracker(uri=tcfg.uri, experiment=tcfg.experiment, run_name=tcfg.run_name or run.root.name,
                       params=flatten(cfg), tags={**run_tags(), "precision": precision}, run_id=run_id,
-                      flush_every_s=tcfg.flush_every_s)
+                      flush_every_s=tcfg.flush_every_s, system_metrics_every_s=tcfg.system_metrics_every_s)
     if tracker.run_id:
         run.write_tracking(tracker.run_id, tracker.uri, tcfg.experiment)
         log.info("MLflow run %s at %s", tracker.run_id, tracker.uri)
