@@ -7,7 +7,6 @@ import importlib
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import NoReturn
 
 from hpcgan.config import ConfigError
@@ -56,29 +55,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train(resolve_train_config(args), args.out)
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from hpcgan.train.generator import load_generator
-    from hpcgan.train.samples import write_pngs
-
-    generator = load_generator(args.run, ema=not args.no_ema)
-    gen = torch.Generator().manual_seed(args.seed)
-    written = 0
-    with torch.no_grad():
-        while written < args.n:
-            count = min(args.batch, args.n - written)
-            images = generator(torch.randn(count, generator.nz, generator=gen))
-            write_pngs(images, Path(args.out), start=written)
-            written += count
-    print(f"wrote {written} samples to {args.out}")
-    return 0
-
-
 # Subcommands that live in their own modules (each exposes add_arguments(parser) and run(args) -> int);
 # only the chosen one is imported, so `hpcgan train` does not pay for DICOM or metric imports.
 MODULE_COMMANDS = {
     "prepare": ("hpcgan.data.prepare", "turn MRI volumes/slices into WebDataset shards"),
+    "sample": ("hpcgan.export", "export synthetic slices (PNG, shards, NIfTI), audited and marked, with a data card"),
     "evaluate": ("hpcgan.evaluate", "compute quality metrics of a trained run"),
     "bench": ("hpcgan.bench.run", "measure throughput against the reference DCGAN loop"),
 }
@@ -91,15 +72,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train (or resume) a GAN in a run folder")
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
-
-    sample = sub.add_parser("sample", help="write PNG samples from a run's EMA generator")
-    sample.add_argument("--run", required=True, help="run folder or checkpoint folder")
-    sample.add_argument("--n", type=int, default=64)
-    sample.add_argument("--out", required=True)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch", type=int, default=256)
-    sample.add_argument("--no-ema", action="store_true", help="use the raw generator instead of the EMA copy")
-    sample.set_defaults(func=cmd_sample)
 
     chosen = next((a for a in argv or [] if not a.startswith("-")), None)
     for name, (module_name, help_text) in MODULE_COMMANDS.items():

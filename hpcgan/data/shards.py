@@ -180,6 +180,37 @@ def write_manifest(shard_dir: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, shard_dir / MANIFEST)
 
 
+def encode_png(image: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """A uint8 (H, W) slice as PNG bytes, with `text` as tEXt chunks (e.g. a synthetic-data mark)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def write_shard_set(out: Path, images: np.ndarray, metas: list[dict[str, Any]], extra: dict[str, Any],
+                    shard_size: int = 1000, png_text: dict[str, str] | None = None) -> dict[str, Any]:
+    """A training split of uint8 (N, H, W) slices as shards any reader serves, with their manifest;
+    `extra` goes into the manifest (e.g. provenance). Returns the manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    size = int(images.shape[-1])
+    records = []
+    for number, start in enumerate(range(0, len(images), shard_size)):
+        writer = ShardWriter(out / shard_name("train", number))
+        for i in range(start, min(start + shard_size, len(images))):
+            writer.add(f"s{i:07d}", {png_key(size): encode_png(images[i], png_text),
+                                     "json": json.dumps(metas[i], sort_keys=True).encode()})
+        records.append(writer.close() | {"split": "train"})
+    manifest = {"format": FORMAT, "sizes": [size], "bit_depth": 8, "channels": 1, "shards": records,
+                "counts": {"train": len(images), "val": 0}, **extra}
+    write_manifest(out, manifest)
+    return manifest
+
+
 @dataclass(frozen=True)
 class Split:
     """One split of a shard folder at one resolution, validated: where each sample's PNG lies."""

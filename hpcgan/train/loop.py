@@ -24,9 +24,9 @@ from hpcgan.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointManager, s
 from hpcgan.train.precision import precision_name
 from hpcgan.train.progress import Reporter, StepStats
 from hpcgan.train.run_folder import CONFIG_FILE, RunFolder, RunLock, RunLockedError
-from hpcgan.train.signals import EXIT_INTERRUPTED, InterruptFlag, StepAborted
+from hpcgan.train.signals import EXIT_INTERRUPTED, InterruptFlag, StepAborted, StepSnapshot
 from hpcgan.train.setup import make_accelerator, prepare
-from hpcgan.train.state import GlobalRNG, SavedConfig, TrainState, capture_rng, rank_seed, restore_rng, seed_everything
+from hpcgan.train.state import GlobalRNG, SavedConfig, TrainState, rank_seed, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -123,21 +123,18 @@ class Trainer:
         if not self._abortable:
             stats = self._train_step(self.reader.next_batch())
         else:
-            data, rng, buffers = self.reader.state_dict(), capture_rng(), [b.clone() for b in self._buffers]
-            augment = self.augment.state_dict() if self.augment else None
+            before = StepSnapshot(self.reader, self._buffers, self.augment)
             try:
                 stats = self._train_step(self.reader.next_batch())
             except StepAborted as aborted:
-                restore_rng(rng)
-                with torch.no_grad():
-                    torch._foreach_copy_(self._buffers, buffers)
-                if augment is not None:
-                    self.augment.load_state_dict(augment)
+                before.restore()
                 self.opt_d.zero_grad(set_to_none=True)
-                aborted.data = data
+                aborted.data = before.data
                 raise
         self.state.step += 1
         self.state.images_seen += self.cfg.train.batch_size
+        if self.augment is not None:
+            self.augment.adjust(self.state.step, self.cfg.train.batch_size)
         return stats
 
     def _see(self, images: torch.Tensor) -> torch.Tensor:
@@ -282,6 +279,8 @@ class Trainer:
                 self.report.write(step, self.state.images_seen, {"compile_s": compile_s})
             if step % tcfg.log_every == 0 or step == self.total_steps:
                 record = stats.record(self.state.images_seen, self.reader.num_images)
+                if self.augment is not None:
+                    record["augment_p"] = self.augment.p
                 self.report.log_step(step, self.total_steps, self.state.images_seen, record)
             self.report.tick()
             if step % tcfg.sample_every == 0:

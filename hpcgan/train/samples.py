@@ -1,4 +1,4 @@
-"""Turning generator output into PNGs: sample grids for tracking, single slices for `hpcgan sample`."""
+"""Generator output as pictures: reproducible generation and the sample grids a run writes as it trains."""
 
 from __future__ import annotations
 
@@ -49,13 +49,3 @@ def save_grid(images: torch.Tensor, path: Path, pad: int = 2) -> Path:
     Image.fromarray(grid).save(tmp)
     tmp.replace(path)
     return path
-
-
-def write_pngs(images: torch.Tensor, out_dir: Path, start: int = 0) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, tile in enumerate(to_uint8(images), start):
-        path = out_dir / f"sample-{i:06d}.png"
-        Image.fromarray(tile).save(path)
-        paths.append(path)
-    return paths

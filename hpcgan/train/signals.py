@@ -10,6 +10,10 @@ import signal
 from types import FrameType
 from typing import Any
 
+import torch
+
+from hpcgan.train.state import capture_rng, restore_rng
+
 # "Interrupted, resumable": EX_TEMPFAIL from sysexits.h, distinct from success (0) and crashes (1).
 EXIT_INTERRUPTED = 75
 
@@ -22,6 +26,24 @@ class StepAborted(Exception):
     position at the step's start, the one to save."""
 
     data: dict[str, Any]
+
+
+class StepSnapshot:
+    """What a step changes before D's update, captured so an aborted step can be undone: the RNG streams,
+    module buffers (BatchNorm statistics, spectral-norm vectors), the augmentation state, and the
+    reader's position (`data`, saved rather than rewound)."""
+
+    def __init__(self, reader: Any, buffers: list[torch.Tensor], augment: Any) -> None:
+        self.data, self.rng = reader.state_dict(), capture_rng()
+        self._targets, self._buffers = buffers, [b.clone() for b in buffers]
+        self._augment, self._augment_state = augment, augment.state_dict() if augment is not None else None
+
+    def restore(self) -> None:
+        restore_rng(self.rng)
+        with torch.no_grad():
+            torch._foreach_copy_(self._targets, self._buffers)
+        if self._augment is not None:
+            self._augment.load_state_dict(self._augment_state)
 
 
 class InterruptFlag:
