@@ -61,6 +61,7 @@ MODULE_COMMANDS = {
     "prepare": ("hpcgan.data.prepare", "turn MRI volumes/slices into WebDataset shards"),
     "sample": ("hpcgan.export", "export synthetic slices (PNG, shards, NIfTI), audited and marked, with a data card"),
     "evaluate": ("hpcgan.evaluate", "compute quality metrics of a trained run"),
+    "features": ("hpcgan.features", "train the offline feature space (FD/KID/PR without Inception) of a shard folder"),
     "bench": ("hpcgan.bench.run", "measure throughput against the reference DCGAN loop"),
 }
 

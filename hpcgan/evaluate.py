@@ -2,8 +2,11 @@
 
 Generated slices come from the run's EMA generator; the real reference is the held-out (val) split of
 a shard folder, or the images themselves for a plain folder; the memorization audit searches the
-training split, calibrated on the held-out one. A metric that cannot run (no Inception weights) is
-reported as skipped with its reason, never faked; the exit code is non-zero only on an error.
+training split, calibrated on the held-out one. Every number is printed beside its real floor (train
+vs held-out, and halves of train, under the same protocol), and feature metrics name their feature
+space: an Inception file when given, else the data set's offline encoder (`hpcgan features`). A metric
+that cannot run (no feature space) is reported as skipped with its reason, never faked; the exit code
+is non-zero only on an error.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from hpcgan.data.pixels import to_unit
 from hpcgan.train.checkpoint import CheckpointManager, resolve_checkpoint
 from hpcgan.train.generator import load_generator
 from hpcgan.train.run_folder import RunFolder, config_of
+from hpcgan.train.evaluation import real_floors
 from hpcgan.train.samples import generate
 
-ALL = ["swd", "fid", "kid", "pr", "msssim", "memorization"]
+ALL = ["swd", "fid", "kid", "pr", "dc", "msssim", "memorization"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +59,10 @@ def evaluate_run(run: Path, data: str, names: list[str], n: int, weights: str, s
     pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]
     out_dir = output_folder(run, folder).evaluation
     distribution = [m for m in names if m != "memorization"]
-    result = M.evaluate(distribution, to_unit(real[pick]), fake, extractor=M.load_extractor(weights), seed=seed,
+    extractor = M.load_extractor(weights, data=data if shards.is_shard_dir(Path(data)) else None, resolution=size)
+    result = M.evaluate(distribution, to_unit(real[pick]), fake, extractor=extractor, seed=seed,
                         out_dir=out_dir) if distribution else {}
+    result.update(real_floors(data, distribution, size, min(n, len(real)), seed, extractor))
     if "memorization" in names:
         train = load_real(data, split="train", size=size)
         heldout = to_unit(real) if shards.is_shard_dir(Path(data)) and len(real) else None
@@ -83,9 +89,13 @@ def run(args: argparse.Namespace) -> int:
     report = {"checkpoint": str(folder), "step": step, "data": data, "n": args.n, **result}
     out = output_folder(run_dir, folder).evaluation_report
     out.write_text(json.dumps(report, indent=1))
-    width = max(map(len, result))
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value:.6g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    shown = {k: v for k, v in result.items() if not k.startswith(("floor/", "floor_halves/"))}
+    width = max(map(len, shown))
+    for key, value in shown.items():
+        floor = result.get(f"floor/{key}")
+        beside = f"  (floor {floor:.6g}, halves of train {result[f'floor_halves/{key}']:.6g})" \
+            if floor is not None else ""
+        print(f"{key:<{width}}  {value:.6g}{beside}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     print(f"wrote {out}")
     _log_to_mlflow(run_dir, {k: v for k, v in result.items() if isinstance(v, float)}, step)
     return 0

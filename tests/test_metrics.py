@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import socket
@@ -189,6 +190,26 @@ def test_precision_recall_without_a_network_uses_pixel_projection() -> None:
     assert M.evaluate(["pr"], real, stripes(80, seed=6))["precision"] < 0.1
 
 
+def test_density_and_coverage_closed_forms() -> None:
+    """A set against itself: every ball holds its centre and its k neighbours, so density = (k + 1) / k."""
+    real = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    same = M.density_coverage(real, real)
+    assert same["coverage"] == 1.0
+    assert same["density"] == pytest.approx(6 / 5, abs=0.005)
+    assert M.density_coverage(real, real + 100.0) == {"density": 0.0, "coverage": 0.0}
+    collapsed = M.density_coverage(real, real[:1].expand(100, -1))  # mode collapse: coverage sees it
+    assert collapsed["coverage"] < 0.05
+    assert M.density_coverage(real, real, block_bytes=8 * 300 * 7) == same  # 7-row blocks
+
+
+def test_density_coverage_metric_without_a_network_uses_pixel_projection() -> None:
+    real = phantoms(200, seed=5)
+    out = M.evaluate(["dc"], real, phantoms(200, seed=9))
+    assert out["dc_feature_space"] == "pixel-projection-256-s0" and "features" not in out
+    assert out["coverage"] > 0.5
+    assert M.evaluate(["dc"], real, stripes(200, seed=6))["coverage"] < 0.1
+
+
 # ---------------------------------------------------------------- MS-SSIM
 
 
@@ -258,7 +279,7 @@ def test_fid_kid_pr_through_a_torchscript_file(inception_file: Path) -> None:
     far = M.evaluate(["fid", "kid", "pr"], real, other, extractor=ext)
     assert 0 <= near["fid"] < 0.2 * far["fid"]
     assert near["kid"] < 0.2 * far["kid"]
-    assert near["pr_feature_space"] == ext.name
+    assert near["pr_feature_space"] == ext.name and near["features"] == ext.name
     assert near["precision"] > far["precision"]
     assert M.fid_from_features(M.extract(ext, real), ext(same)) == pytest.approx(near["fid"], rel=1e-6)
 
@@ -300,7 +321,7 @@ def test_bad_weights_give_a_one_line_error_naming_the_file(tmp_path: Path) -> No
 
 
 def test_unknown_metric_fails_before_any_work() -> None:
-    with pytest.raises(KeyError, match="available: fid, kid, memorization, msssim, pr, swd"):
+    with pytest.raises(KeyError, match="available: dc, fid, kid, memorization, msssim, pr, swd"):
         M.evaluate(["swd", "fdi"], phantoms(4, seed=0), phantoms(4, seed=1))
 
 
@@ -318,9 +339,30 @@ def test_real_stats_cache_round_trip(tmp_path: Path, inception_file: Path) -> No
     assert cached == M.evaluate(["fid", "kid"], real, fake, extractor=ext)
 
 
+def test_metrics_modules_import_without_a_cycle() -> None:
+    """Layering: stats and features at the bottom, then registry, cache, metrics, distributed, the package."""
+    package = Path(M.__file__).parent
+    deps = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        deps[path.stem] = {node.module.split(".")[2] for node in ast.walk(tree)
+                           if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hpcgan.metrics.")}
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+        if module not in done:
+            for dep in deps.get(module, ()):
+                visit(dep, (*path, module))
+            done.add(module)
+
+    for module in deps:
+        visit(module, ())
+
+
 # ---------------------------------------------------------------- distributed
 
-NAMES = ["swd", "msssim", "fid", "kid", "pr", "memorization"]
+NAMES = ["swd", "msssim", "fid", "kid", "pr", "dc", "memorization"]
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:

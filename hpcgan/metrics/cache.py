@@ -9,26 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from hpcgan.metrics.features import FeatureExtractor
-from hpcgan.metrics.frechet import feature_stats
-
-
-@dataclass
-class RealStats:
-    features: torch.Tensor  # (N, D) float32, for KID and precision/recall
-    mu: torch.Tensor  # (D,) float64, for FID
-    sigma: torch.Tensor  # (D, D) float64
-
-    @classmethod
-    def from_features(cls, features: torch.Tensor) -> RealStats:
-        mu, sigma = feature_stats(features)
-        return cls(features=features.detach().cpu().float(), mu=torch.from_numpy(mu),
-                   sigma=torch.from_numpy(sigma))
+from hpcgan.metrics.stats import RealStats
 
 
 class RealStatsCache:

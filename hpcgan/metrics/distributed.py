@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hpcgan.metrics.cache import RealStats, RealStatsCache
+from hpcgan.metrics.cache import RealStatsCache
 from hpcgan.metrics.features import FeatureExtractor, extract
 from hpcgan.metrics.registry import Result, evaluate, get, uses_features
+from hpcgan.metrics.stats import RealStats
 
 Group = dist.ProcessGroup | None
 

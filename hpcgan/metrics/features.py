@@ -1,9 +1,10 @@
-"""Feature networks for FID, KID and precision/recall, loaded from local TorchScript files only.
+"""Feature networks for FID, KID and the k-NN metrics, loaded from local TorchScript files only.
 
 Weights are never downloaded: clusters holding patient data are often offline, and a silently
 fetched network would make numbers irreproducible. Any network that maps images to vectors plugs in
 through `FeatureExtractor`; `TorchScriptFeatures` covers both the NVlabs Inception export
-(pt_inception-2015-12-05) and generic exports such as a RadImageNet backbone.
+(pt_inception-2015-12-05) and generic exports such as a RadImageNet backbone (`encoder.py` trains an
+offline one).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class FeatureWeightsError(RuntimeError):
 
 
 class FeatureExtractor(Protocol):
+    """Optional attributes the metrics read when present: `description` (how the space was made, for
+    reports) and `metric_suffix` (appended to FID/KID keys, e.g. "_ssl")."""
+
     name: str  # identifies the feature space (weights + preprocessing); keys the real-stats cache
     dim: int
 
@@ -143,7 +147,7 @@ def resolve_weights(path: str = "") -> str | None:
     return path or os.environ.get(WEIGHTS_ENV) or None
 
 
-def load_extractor(path: str = "", device: torch.device | str = "cpu") -> TorchScriptFeatures | None:
+def load_torchscript(path: str = "", device: torch.device | str = "cpu") -> TorchScriptFeatures | None:
     """Load `metrics.inception_weights` (or $HPCGAN_INCEPTION_WEIGHTS); None when neither is set.
 
     Options for non-NVlabs exports live in a sidecar `<file>.json`, e.g.

@@ -15,25 +15,13 @@ import scipy.linalg
 import torch
 
 from hpcgan.metrics.registry import NO_FEATURES, MetricContext, Result, register
+from hpcgan.metrics.stats import ArrayLike, as_float64, feature_stats
 
-ArrayLike = np.ndarray | torch.Tensor
 _GRAM_ELEMENTS = 4096 * 4096  # largest real x fake kernel kept whole (128 MiB each in float64)
 
 
 def _np64(x: ArrayLike) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
-
-
-def _torch64(x: ArrayLike) -> torch.Tensor:
-    t = x.detach().double() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, np.float64))
-    if t.ndim != 2:
-        raise ValueError(f"expected (N, D) features, got shape {tuple(t.shape)}")
-    return t
-
-
-def feature_stats(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    feats = _torch64(features).cpu().numpy()
-    return feats.mean(0), np.atleast_2d(np.cov(feats, rowvar=False))
 
 
 def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
@@ -70,8 +58,8 @@ def kid_subsets(real: ArrayLike, fake: ArrayLike, *, subsets: int = 100, subset_
     quadratic forms with its 0/1 membership vector; 100 subsets of 1000 x 2048 computed one by one
     would be ~1.2 TFLOP.
     """
-    x_all = _torch64(real)
-    y_all = _torch64(fake).to(x_all.device)
+    x_all = as_float64(real)
+    y_all = as_float64(fake).to(x_all.device)
     m = min(subset_size, len(x_all), len(y_all))
     if m < 2:
         raise ValueError("KID needs at least 2 samples per set")
@@ -103,13 +91,16 @@ def kid_from_features(real: ArrayLike, fake: ArrayLike, *, subsets: int = 100, s
 
 @register("fid", features=True)
 def _fid(ctx: MetricContext) -> Result:
+    """Key "fid" in Inception-like spaces, "fd<suffix>" (e.g. "fd_ssl") where the extractor asks for a suffix."""
     if not ctx.has_features():
         return {"fid_skipped": NO_FEATURES}
     if ctx.real_stats is not None:
         real_mu, real_sigma = ctx.real_stats.mu, ctx.real_stats.sigma
     else:
         real_mu, real_sigma = feature_stats(ctx.features("real"))
-    return {"fid": frechet_distance(real_mu, real_sigma, *feature_stats(ctx.features("fake")))}
+    suffix = ctx.metric_suffix()
+    value = frechet_distance(real_mu, real_sigma, *feature_stats(ctx.features("fake")))
+    return {f"fd{suffix}" if suffix else "fid": value, "features": ctx.feature_space()}
 
 
 @register("kid", features=True)
@@ -117,4 +108,6 @@ def _kid(ctx: MetricContext) -> Result:
     if not ctx.has_features():
         return {"kid_skipped": NO_FEATURES}
     values = kid_subsets(ctx.features("real"), ctx.features("fake"), seed=ctx.seed)
-    return {"kid": float(values.mean()), "kid_std": float(values.std())}
+    suffix = ctx.metric_suffix()
+    return {f"kid{suffix}": float(values.mean()), f"kid{suffix}_std": float(values.std()),
+            "features": ctx.feature_space()}

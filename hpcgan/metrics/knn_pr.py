@@ -1,9 +1,15 @@
-"""Improved precision and recall (Kynkaenniemi et al. 2019): fidelity and coverage as separate numbers.
+"""k-NN manifold metrics: fidelity and coverage as separate numbers, where FID mixes the two.
 
-Each set's manifold is the union of balls around its points with radius = distance to the k-th
-nearest neighbour (k=3). Precision = share of generated points inside the real manifold (are the
-slices realistic?); recall = share of real points inside the generated manifold (does the generator
-cover all anatomies?). FID mixes the two; a collapsing generator keeps precision and loses recall.
+Improved precision and recall (Kynkaenniemi et al. 2019): each set's manifold is the union of balls
+around its points with radius = distance to the k-th nearest neighbour (k=3). Precision = share of
+generated points inside the real manifold (are the slices realistic?); recall = share of real points
+inside the generated manifold (does the generator cover all anatomies?). A collapsing generator keeps
+precision and loses recall.
+
+Density and coverage (Naeem et al. 2020, k=5) use the real balls only, so one outlier among the
+generated points cannot inflate a manifold: density = how many real balls hold a generated point,
+over k (about 1 for matching distributions, above 1 where generated points crowd real ones);
+coverage = share of real balls that hold any generated point.
 
 Distances are computed in row blocks of at most `block_bytes`, so memory stays bounded for any N.
 """
@@ -49,13 +55,38 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, *
     return {"precision": float(precision.double().mean()), "recall": float(recall.double().mean())}
 
 
+def density_coverage(real_features: torch.Tensor, fake_features: torch.Tensor, *, k: int = 5,
+                     block_bytes: int = _BLOCK_BYTES) -> dict[str, float]:
+    """{"density", "coverage"} of (N, D) real and (M, D) generated features; float64 distances."""
+    real, fake = real_features.double(), fake_features.to(real_features.device).double()
+    radii = knn_radii(real, k, block_bytes=block_bytes)
+    rows = _rows_per_block(len(real), block_bytes)
+    inside_count = torch.zeros((), dtype=torch.float64, device=real.device)
+    covered = torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    for s in range(0, len(fake), rows):
+        inside = torch.cdist(fake[s:s + rows], real) <= radii[None, :]
+        inside_count += inside.sum()
+        covered |= inside.any(dim=0)
+    return {"density": float(inside_count) / (k * len(fake)), "coverage": float(covered.double().mean())}
+
+
+def _feature_sets(ctx: MetricContext) -> tuple[torch.Tensor, torch.Tensor, str, Result]:
+    """Real and generated features, the space's name, and the "features" report entry when a
+    network made them; without one, a fixed random projection of pixels."""
+    if ctx.has_features():
+        space = ctx.extractor.name if ctx.extractor is not None else "precomputed-features"
+        return ctx.features("real"), ctx.features("fake"), space, {"features": ctx.feature_space()}
+    projection = PixelProjection()
+    return extract(projection, ctx.real), extract(projection, ctx.fake), projection.name, {}
+
+
 @register("pr", features=True)
 def _pr(ctx: MetricContext) -> Result:
-    """Feature network when one is configured, else a fixed random projection of pixels."""
-    if ctx.has_features():
-        real, fake = ctx.features("real"), ctx.features("fake")
-        space = ctx.extractor.name if ctx.extractor is not None else "precomputed-features"
-    else:
-        projection = PixelProjection()
-        real, fake, space = extract(projection, ctx.real), extract(projection, ctx.fake), projection.name
-    return {**precision_recall(real, fake), "pr_feature_space": space}
+    real, fake, space, protocol = _feature_sets(ctx)
+    return {**precision_recall(real, fake), "pr_feature_space": space, **protocol}
+
+
+@register("dc", features=True)
+def _dc(ctx: MetricContext) -> Result:
+    real, fake, space, protocol = _feature_sets(ctx)
+    return {**density_coverage(real, fake), "dc_feature_space": space, **protocol}

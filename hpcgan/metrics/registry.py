@@ -11,19 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
 from hpcgan.metrics.features import FeatureExtractor, extract
-
-if TYPE_CHECKING:
-    from hpcgan.metrics.cache import RealStats
+from hpcgan.metrics.stats import RealStats
 
 Result = dict[str, float | str]
 
-NO_FEATURES = ("no feature network: set metrics.inception_weights (or HPCGAN_INCEPTION_WEIGHTS) to a "
-               "TorchScript Inception file, see docs/metrics.md")
+NO_FEATURES = ("no feature network: train the offline encoder (hpcgan features --data SHARDS) or set "
+               "metrics.inception_weights (or HPCGAN_INCEPTION_WEIGHTS) to a TorchScript Inception file, "
+               "see docs/metrics.md")
 
 
 @dataclass
@@ -45,6 +44,18 @@ class MetricContext:
         real_ok = self.extractor is not None or self.real_stats is not None
         fake_ok = self.extractor is not None or self.fake_features is not None
         return real_ok and fake_ok
+
+    def feature_space(self) -> str:
+        """Which features the numbers were measured in, for the report: the extractor's
+        `description` when it has one, else its name."""
+        if self.extractor is None:
+            return "precomputed-features"
+        return str(getattr(self.extractor, "description", self.extractor.name))
+
+    def metric_suffix(self) -> str:
+        """Appended to feature-metric keys ("kid_ssl") for extractors that ask for it, so numbers in
+        other spaces are never read as Inception FID/KID."""
+        return str(getattr(self.extractor, "metric_suffix", ""))
 
     def features(self, which: Literal["real", "fake"]) -> torch.Tensor:
         if which not in self._memo:

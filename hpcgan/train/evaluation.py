@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,10 +43,14 @@ def _floor_cache() -> Path:
     return Path(root) / "floors"
 
 
-def real_floors(path: str, names: list[str], size: int, n: int, seed: int) -> dict[str, float]:
+def real_floors(path: str, names: list[str], size: int, n: int, seed: int, extractor: Any = None) -> dict[str, float]:
     """`{"floor/<metric>": train vs held-out, "floor_halves/<metric>": train half vs half}` for `n` images
-    a side (fewer where the data is smaller), cached by the data set's fingerprint."""
-    cache = _floor_cache() / f"{dataset_key(path)}-r{size}-n{n}-seed{seed}-{'-'.join(sorted(names))}.json"
+    a side (fewer where the data is smaller), cached by the data set's fingerprint and feature space.
+    Feature metrics are left out when there is no `extractor`; the memorization audit has no floor."""
+    names = [m for m in names if m != "memorization" and (extractor is not None or not M.uses_features([m]))]
+    space = extractor.name if extractor is not None and M.uses_features(names) else "pixels"
+    key = f"{dataset_key(path)}-r{size}-n{n}-seed{seed}-{space}-{'-'.join(sorted(names))}"
+    cache = _floor_cache() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     train = load_real(path, split="train", size=size)
@@ -54,9 +59,10 @@ def real_floors(path: str, names: list[str], size: int, n: int, seed: int) -> di
     k = min(n, len(train) // 2)
     first, second = to_unit(train[order[:k]]), to_unit(train[order[k:2 * k]])
     pick = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(seed))[:n]
-    floors = {f"floor/{key}": v for key, v in M.evaluate(names, to_unit(heldout[pick]), first, seed=seed).items()
-              if isinstance(v, float)}
-    floors.update({f"floor_halves/{key}": v for key, v in M.evaluate(names, first, second, seed=seed).items()
+    floors = {f"floor/{key}": v for key, v in M.evaluate(names, to_unit(heldout[pick]), first, seed=seed,
+                                                        extractor=extractor).items() if isinstance(v, float)}
+    floors.update({f"floor_halves/{key}": v for key, v in M.evaluate(names, first, second, seed=seed,
+                                                                     extractor=extractor).items()
                    if isinstance(v, float)})
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
@@ -84,13 +90,13 @@ class InLoopMetrics:
         mine = M.shard(n)
         self.real = to_unit(real[pick][mine]).to(device)
         self.z = torch.randn(n, cfg.model.nz, generator=torch.Generator().manual_seed(cfg.seed + 1))[mine].to(device)
-        self.extractor = M.load_extractor(mcfg.inception_weights, device=device)
+        self.extractor = M.load_extractor(mcfg.inception_weights, device=device, data=cfg.data.path,
+                                          resolution=cfg.model.resolution)
         self.stats = None
         if self.extractor is not None and M.uses_features(self.names):
             key = f"{dataset_key(cfg.data.path)}-r{cfg.model.resolution}-n{n}-seed{cfg.seed}"
             self.stats = M.compute_real_stats(self.real, self.extractor, cache=M.RealStatsCache(cache_dir), key=key)
-        self.floors = real_floors(cfg.data.path, [m for m in self.names if not M.uses_features([m])],
-                                  cfg.model.resolution, n, cfg.seed)
+        self.floors = real_floors(cfg.data.path, self.names, cfg.model.resolution, n, cfg.seed, self.extractor)
 
     def __call__(self, generator: torch.nn.Module) -> dict[str, float]:
         result = M.evaluate_distributed(self.names, self.real, generate(generator, self.z), extractor=self.extractor,
