@@ -12,9 +12,10 @@ import copy
 import torch
 
 
-def decay_for_half_life(half_life_images: int, batch_size: int) -> float:
-    """The per-step decay under which a weight's contribution halves after `half_life_images` images."""
-    return 0.5 ** (batch_size / half_life_images)
+def ema_decay(decay: float, half_life_images: int, batch_size: int) -> float:
+    """The per-step decay: `decay`, or with a half-life the one under which a weight's contribution
+    halves after `half_life_images` images."""
+    return 0.5 ** (batch_size / half_life_images) if half_life_images else decay
 
 
 class EMA:

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from hpcgan.config import Config
 from hpcgan.data import Reader, build_reader
 from hpcgan.models import build_models
-from hpcgan.models.ema import EMA, decay_for_half_life
+from hpcgan.augment import build_augment
+from hpcgan.models.ema import EMA, ema_decay
 from hpcgan.models.losses import d_loss, g_loss, r1_penalty
 from hpcgan.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointManager, step_dir_name
 from hpcgan.train.precision import precision_name
@@ -49,17 +50,12 @@ class Trainer:
         self.reader: Reader = build_reader(cfg.data, seed=cfg.seed, global_batch=tcfg.batch_size, rank=self.rank,
                                            world=self.world, device=self.device, resolution=cfg.model.resolution)
         self.total_steps = tcfg.steps if tcfg.steps is not None else tcfg.epochs * self.reader.batches_per_epoch
-        self.augment = None
-        if cfg.augment.mode != "off":
-            from hpcgan.augment import AugmentPipe
-
-            self.augment = AugmentPipe(cfg.augment, seed=cfg.seed, rank=self.rank, device=self.device)
+        self.augment = build_augment(cfg.augment, seed=cfg.seed, rank=self.rank, device=self.device)
         # The plain modules: what checkpoints, EMA and samples use, whatever wraps them for training.
         self.generator, self.discriminator = generator, discriminator
         self.G, self.D, self.opt_g, self.opt_d = prepare(self.acc, cfg, generator, discriminator)
-        decay = decay_for_half_life(tcfg.ema_half_life_images, tcfg.batch_size) if tcfg.ema_half_life_images \
-            else tcfg.ema_decay
-        self.ema = EMA(generator, decay) if tcfg.ema else None
+        self.ema = EMA(generator, ema_decay(tcfg.ema_decay, tcfg.ema_half_life_images, tcfg.batch_size)) \
+            if tcfg.ema else None
         seed_everything(rank_seed(cfg.seed, self.rank))
         self.state = TrainState(world_size=self.world)
         self.ckpt = CheckpointManager(self.run.checkpoints, keep=cfg.checkpoint.keep, best=self.run.best,
