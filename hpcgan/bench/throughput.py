@@ -46,6 +46,13 @@ def variants(*, full: bool, bf16: bool, compile: bool) -> list[Variant]:
     if bf16:
         out.append(Variant("hpcgan bf16 channels_last", ("train.mixed_precision=bf16", "train.channels_last=true",
                                                          "train.compile=false")))
+    if full:  # every arch: the small-data DCGAN recipe and StyleGAN2 at the CPU quickstart's widths
+        out.append(Variant("hpcgan dcgan sn+hinge+ada", ("model.spectral_norm=true", "train.loss=hinge",
+                                                         "augment.mode=fixed", "augment.p=0.3")))
+        out.append(Variant("hpcgan stylegan2 (4096/128)", ("model.arch=stylegan2", "model.channel_base=4096",
+                                                           "model.channel_max=128", "model.w_dim=128",
+                                                           "model.mapping_layers=2", "augment.mode=fixed",
+                                                           "augment.p=0.3", "train.r1_gamma=0.05")))
     if compile:
         out.append(Variant("hpcgan fp32 channels_last compile", ('train.mixed_precision="no"',
                                                                  "train.channels_last=true", "train.compile=true")))
