@@ -112,12 +112,15 @@ class Reporter:
                 self.tracker.log_artifact(path, "samples")
 
     def evaluate(self, generator: torch.nn.Module, step: int, images_seen: int) -> dict[str, float]:
+        """In-loop metrics, logged with `eval_s`, their cost in seconds (kept well below the training time)."""
         from hpcgan.train.evaluation import with_floors
 
+        start = time.perf_counter()
         values = self.metrics(generator)
-        self.write(step, images_seen, {f"eval/{k}": v for k, v in values.items()})
+        seconds = time.perf_counter() - start
+        self.write(step, images_seen, {**{f"eval/{k}": v for k, v in values.items()}, "eval_s": seconds})
         if self.is_main:
-            log.info("eval step %d: %s", step, with_floors(values, self.metrics.floors))
+            log.info("eval step %d (%.1f s): %s", step, seconds, with_floors(values, self.metrics.floors))
         return values
 
     def finish(self, status: str, generator: torch.nn.Module | None = None) -> None:
