@@ -5,10 +5,9 @@ from then on gathers, writes, commits, loads, prunes and promotes without knowin
 Layout of `RUN/checkpoints/step-0000120/` as the trainer registers it:
     model.pt          G, D and EMA weights (global rank 0)
     optim.pt          both optimizers and the loss scaler (global rank 0)
-    train.pt          other stateful parts, e.g. the augmentation probability and its RNG (global rank 0)
     state.json        the loop's TrainState: step, images seen, data position, MLflow run id, ...
     config.yaml       the resolved config that produced it
-    rank-00000.pt     one per rank: python, numpy, torch and cuda RNG states, the reader's position
+    rank-00000.pt     one per rank: RNG states, the reader's position, the augmentation's p and RNG
     COMPLETE          written last; lists every file with its size
 
 Everything is first written into `.tmp-step-0000120/`, fsynced, marked, then renamed into place, so a

@@ -83,10 +83,10 @@ class Trainer:
         ckpt.register("D", self.opt_d, file="optim.pt")
         if self.acc.scaler is not None:
             ckpt.register("scaler", self.acc.scaler, file="optim.pt", optional=True)
-        if self.augment is not None:
-            ckpt.register("augment", self.augment, file="train.pt")
         ckpt.register("state", self.state, file=STATE_FILE)
         ckpt.register_rank("rng", GlobalRNG())
+        if self.augment is not None:  # per rank: each rank's augmentation stream is its own
+            ckpt.register_rank("augment", self.augment)
         ckpt.register_rank("data", self.reader)
 
     def _agree(self, ok: bool) -> bool:
