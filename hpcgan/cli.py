@@ -63,6 +63,7 @@ MODULE_COMMANDS = {
     "evaluate": ("hpcgan.evaluate", "compute quality metrics of a trained run"),
     "features": ("hpcgan.features", "train the offline feature space (FD/KID/PR without Inception) of a shard folder"),
     "bench": ("hpcgan.bench.run", "measure throughput against the reference DCGAN loop"),
+    "report": ("hpcgan.report", "write one self-contained HTML report of a run (curves, samples, evaluation, data)"),
 }
 
 

@@ -102,6 +102,7 @@ class TrackConfig:
     run_name: str = ""
     log_model: bool = True  # final EMA generator as an MLflow model
     flush_every_s: float = 2.0
+    report: bool = True  # write RUN/report/report.html at the end and log it to MLflow
     system_metrics_every_s: float = 10.0  # MLflow system metrics (CPU, memory, disk, GPU) sampling; 0 disables
 
 

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q --upgrade pip
 # torch is pinned to the CPU build that lies on this machine's disk; clusters bring their own CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[test,dali]"
+# tests/test_report.py opens the HTML run report in a real headless browser.
+command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null)
 if [ -x slurm/local/start.sh ]; then
   bash slurm/local/start.sh
 fi

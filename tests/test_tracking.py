@@ -108,10 +108,15 @@ def test_real_server_on_loopback_gets_metrics_samples_and_model(image_folder, tm
         server.wait(timeout=30)
 
 
-def test_system_metrics_are_sampled_into_the_run(image_folder, tmp_path):
+def test_run_ends_with_quality_curves_floors_system_metrics_and_a_report(image_folder, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    trainer = tracked_trainer(image_folder, tmp_path / "run", uri, "train.steps=60", "track.system_metrics_every_s=0.3")
+    trainer = tracked_trainer(image_folder, tmp_path / "run", uri, "train.steps=60", "track.system_metrics_every_s=0.3",
+                              "metrics.every=30", "metrics.n=24", "track.report=true")
     assert trainer.fit() == 0
-    run = MlflowClient(uri).get_run(trainer.state.mlflow_run_id)
+    client = MlflowClient(uri)
+    run = client.get_run(trainer.state.mlflow_run_id)
     system = {k for k in run.data.metrics if k.startswith("system/")}
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/swd")] == [30, 60]
+    assert {"floor/swd", "floor_halves/swd", "floor/msssim", "images_seen", "eval_s"} <= run.data.metrics.keys()
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "report")] == ["report/report.html"]

@@ -73,8 +73,8 @@ class Reporter:
         if self.is_main and self.cfg.track.enabled:
             self.tracker = start_tracking(self.cfg, self.run, state.mlflow_run_id, precision)
             state.mlflow_run_id = self.tracker.run_id
-            if state.restarts:
-                self.tracker.log_metrics({"restarts": state.restarts}, step)
+        if state.restarts:
+            self.write(step, state.images_seen, {"restarts": state.restarts})
         if 0 < self.cfg.metrics.every <= total:
             from hpcgan.train.evaluation import InLoopMetrics
 
@@ -91,7 +91,7 @@ class Reporter:
     def write(self, step: int, images_seen: int, values: dict[str, float]) -> None:
         """One record: to the metrics log, and to MLflow with `images_seen` beside it (a chart's x-axis)."""
         if self.is_main:
-            self.run.append_metrics({"step": step, "images_seen": images_seen, **values})
+            self.run.append_metrics({"step": step, "images_seen": images_seen, "time": time.time(), **values})
             if self.tracker:
                 self.tracker.log_metrics({**values, "images_seen": images_seen}, step)
 
@@ -128,10 +128,25 @@ class Reporter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if status == "FINISHED" and self.is_main and self.cfg.track.report:
+            self._write_report()
         if self.tracker:
             if generator is not None and self.cfg.track.log_model:
                 self.tracker.log_generator(generator, self.cfg.model.nz)
             self.tracker.close(status=status)
+
+    def _write_report(self) -> None:
+        """The run's HTML report, into the run folder and MLflow; a failure costs a warning, not the run."""
+        from hpcgan.report import write_report
+
+        try:
+            path = write_report(self.run.root)
+        except Exception as err:  # noqa: BLE001 - the report is a view of finished work, never a reason to fail
+            log.warning("run report not written (%s: %s)", type(err).__name__, err)
+            return
+        log.info("run report %s", path)
+        if self.tracker:
+            self.tracker.log_artifact(path, "report")
 
 
 def start_tracking(cfg: Config, run: RunFolder, run_id: str | None, precision: str) -> Any:

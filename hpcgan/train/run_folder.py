@@ -10,6 +10,7 @@ Layout of `RUN/`:
     cache/           per-run caches (real-set feature statistics)
     evaluation/      artefacts of `hpcgan evaluate` (closest pairs of the memorization audit, ...)
     metrics.json     the latest `hpcgan evaluate` report
+    report/          `hpcgan report`: one self-contained HTML page and its plots
     .lock            the one writer's identity (see `RunLock`)
 """
 
@@ -87,6 +88,10 @@ class RunFolder:
         return self.root / "metrics.json"
 
     @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
     def lock_file(self) -> Path:
         return self.root / ".lock"
 
@@ -95,6 +100,10 @@ class RunFolder:
 
     def sample_grids(self) -> list[Path]:
         return sorted(self.samples.glob("step-*.png"))
+
+    def sample_grid_steps(self) -> list[tuple[int, Path]]:
+        """(step, path) of every sample grid, oldest first."""
+        return [(int(p.stem.removeprefix("step-")), p) for p in self.sample_grids()]
 
     def is_run(self) -> bool:
         return self.checkpoints.is_dir()

@@ -1,0 +1,153 @@
+"""`hpcgan report`: the page of a tiny run, opened in a real headless Chromium, and its missing pieces."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from hpcgan.cli import main
+from hpcgan.data import shards
+from hpcgan.report import write_report
+from hpcgan.train.run_folder import RunFolder
+
+from data_factories import make_shards
+from helpers import make_trainer
+
+HEADINGS = ["Summary", "Losses and D outputs", "Quality metrics", "Throughput and restarts", "Samples",
+            "Evaluation", "Data", "Config"]
+DATA_URI = '<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"'
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium. Skipped where it is missing, except in CI, where tests/run.sh installs it and a
+    missing browser is a failure, not a silent skip."""
+    path = shutil.which("chromium")
+    if path is None:
+        why = "chromium not installed; install it: apt-get install chromium (tests/run.sh does)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
+
+
+def browse(chromium: str, page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on `page` with a fresh profile and no background network; console messages go
+    to stderr as `...:CONSOLE:...` lines."""
+    return subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *args, page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def full_run(image_folder, tmp_path_factory):
+    """A tiny run with in-loop metrics, sample grids and `hpcgan evaluate` results, and its report. The
+    MLflow run it names is written by hand: test_tracking.py covers the trainer's own."""
+    out = tmp_path_factory.mktemp("report") / "run"
+    assert make_trainer(image_folder, out, "train.steps=6", "metrics.every=2", "metrics.n=24",
+                        "train.sample_every=2").fit() == 0
+    assert main(["evaluate", "--run", str(out), "--n", "24", "--metrics", "swd,memorization"]) == 0
+    RunFolder(out).write_tracking("0123456789abcdef", "sqlite:///mlflow.db", "report")
+    return write_report(out), "0123456789abcdef"
+
+
+def test_report_opens_in_chromium_with_every_section(chromium, full_run, tmp_path):
+    page, run_id = full_run
+    assert page == RunFolder(page.parents[1]).report / "report.html"
+    assert sorted(p.name for p in page.parent.glob("*.png")) == ["quality.png", "throughput.png", "training.png"]
+    text = page.read_text()
+    assert not re.search(r'\b(src|href)="(?!data:)', text), "the page must not load anything from outside"
+    assert "<script" not in text and "<link" not in text
+
+    loaded = browse(chromium, page, tmp_path / "profile-dom", "--dump-dom")
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    console = [line for line in loaded.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    dom = loaded.stdout
+    for heading in HEADINGS:
+        assert f"<h2>{heading}</h2>" in dom
+    images = re.findall(DATA_URI, dom)
+    assert len(images) == 7 and len(re.findall(r"<img ", dom)) == 7  # 3 plots, 3 sample grids, the pairs
+    for data in images:
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()
+    assert [f"step {s}" for s in (2, 4, 6)] == re.findall(r"<figcaption>(step \d+)</figcaption>", dom)
+    assert "Memorization audit: closest pairs" in dom and run_id in dom
+    assert "floor: train vs held-out" in dom and "not a shard folder" in dom
+    assert "plotted against step" in dom  # the metrics log carries no wall-clock time
+
+    shot = tmp_path / "shot.png"
+    taken = browse(chromium, page, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,2000")
+    assert taken.returncode == 0 and shot.is_file(), taken.stderr[-2000:]
+    pixels = Image.open(shot).convert("RGB")
+    assert pixels.size == (1280, 2000)
+    gray = pixels.convert("L")
+    non_white = sum(gray.histogram()[:240]) / (gray.width * gray.height)
+    colors = pixels.getcolors(maxcolors=1 << 24)
+    assert non_white > 0.02 and len(colors) > 200, (non_white, len(colors))
+
+
+def test_report_of_a_run_without_eval_records_says_what_is_missing(tmp_path, capsys):
+    data = tmp_path / "shards"
+    make_shards(data, n_train=24, n_val=8, sizes=(64,))
+    manifest = shards.read_manifest(data)
+    manifest.update(split={"method": "subject", "val_frac": 0.25},
+                    contrasts={"train": {"T1w": 24}, "val": {"T1w": 8}})
+    shards.write_manifest(data, manifest)
+    out = tmp_path / "run"
+    assert make_trainer(data, out, "train.steps=2").fit() == 0
+    page = tmp_path / "elsewhere" / "page.html"
+    assert main(["report", "--run", str(out), "--out", str(page)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {page}"
+    text = page.read_text()
+    assert sorted(p.name for p in page.parent.glob("*.png")) == ["throughput.png", "training.png"]
+    assert "not available: no eval/* records in the metrics log" in text
+    assert re.findall(r"<figcaption>(step \d+)</figcaption>", text) == ["step 2"]  # the final grid
+    assert "not available: no metrics.json" in text
+    assert "not available: no MLflow run recorded" in text
+    assert "<td>train</td><td>24</td>" in text and "T1w 24" in text and "method subject" in text
+
+
+def test_report_marks_restarts_over_wall_time_and_picks_evenly_spaced_grids(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    run.samples.mkdir(parents=True)
+    for step in range(1, 11):
+        Image.new("L", (8, 8), step * 20).save(run.sample_grid(step))
+        run.append_metrics({"step": step, "images_seen": 8 * step, "loss_d": 1.0, "loss_g": 1.0,
+                            "images_per_s": 100.0 + step, "time": 1e9 + 30 * step, "restarts": int(step > 5)})
+    text = write_report(run.root).read_text()
+    assert re.findall(r"<figcaption>step (\d+)</figcaption>", text) == ["1", "2", "4", "5", "6", "7", "9", "10"]
+    assert "Restarts: 1 (at step 6), marked in red." in text
+    assert "plotted against step" not in text
+    assert "not available: no record in the metrics log has losses" not in text
+    assert "not available: no saved config" in text
+
+
+def test_a_bare_metrics_log_gives_a_page_of_not_available_lines(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    run.append_metrics({"step": 0, "images_seen": 0, "compile_s": 1.5})
+    page = write_report(run.root)
+    text = page.read_text()
+    assert [h for h in HEADINGS if f"<h2>{h}</h2>" in text] == HEADINGS
+    assert text.count('<p class="na">not available: ') == len(HEADINGS) - 1  # every section but the summary
+    assert "data:image" not in text and not list(page.parent.glob("*.png"))
+
+
+def test_a_missing_run_folder_or_metrics_log_is_a_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert main(["report", "--run", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"hpcgan report: error: {missing}: no such run folder; pass the --out folder of hpcgan train as --run"
+    assert main(["report", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{tmp_path}: no metrics log (metrics.jsonl)" in err
