@@ -62,7 +62,7 @@ MODULE_COMMANDS = {
     "sample": ("hpcgan.export", "export synthetic slices (PNG, shards, NIfTI), audited and marked, with a data card"),
     "evaluate": ("hpcgan.evaluate", "compute quality metrics of a trained run"),
     "features": ("hpcgan.features", "train the offline feature space (FD/KID/PR without Inception) of a shard folder"),
-    "bench": ("hpcgan.bench.run", "measure throughput against the reference DCGAN loop"),
+    "bench": ("hpcgan.bench.run", "measure throughput (or, with --quality, time to quality) against the classic DCGAN loop"),
     "report": ("hpcgan.report", "write one self-contained HTML report of a run (curves, samples, evaluation, data)"),
 }
 

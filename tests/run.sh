@@ -15,5 +15,7 @@ fi
 if [ -n "${CI:-}" ]; then
   # The quick benchmark prints its ratios in every CI run (numbers, not a pass/fail gate).
   .venv/bin/hpcgan bench --quick --json "${TMPDIR:-/tmp}/hpcgan-bench-quick.json"
+  # Time to quality, quick form: the classic loop and the quickstart preset, 60 s each, scored.
+  .venv/bin/hpcgan bench --quick --quality --json "${TMPDIR:-/tmp}/hpcgan-bench-quality.json"
 fi
 exec .venv/bin/python -m pytest "$@"

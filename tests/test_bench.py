@@ -11,11 +11,14 @@ import torch
 from PIL import Image
 
 from hpcgan.bench.images import bench_images
+from hpcgan.bench.quality import RealSets, Scorer, seconds_to_reach
 from hpcgan.bench.reference import ReferenceDCGAN, center_crop, resize
 from hpcgan.data import load_images
+from hpcgan.metrics import PixelProjection
 from hpcgan.models.losses import d_loss, g_loss
 from hpcgan.train import Trainer
 
+from data_factories import make_shards
 from helpers import make_trainer, run_cli
 
 FP32 = 'train.mixed_precision="no"'
@@ -138,3 +141,65 @@ def test_quick_bench_prints_ratios_and_writes_the_contract_json(image_folder, tm
     assert result["interrupt"]["exit_code"] == 75 and len(result["interrupt"]["trials"]) == 2
     assert result["train"]["ratio_vs_reference"] > 0
     assert "x ref" in proc.stdout and "Targets" in proc.stdout
+
+
+def test_seconds_to_reach_interpolates_between_the_snapshots_around_the_crossing():
+    curve = [(0.0, 300.0), (10.0, 100.0), (20.0, 40.0), (30.0, 50.0)]
+    assert seconds_to_reach(curve, 70.0) == pytest.approx(15.0)
+    assert seconds_to_reach(curve, 100.0) == 10.0
+    assert seconds_to_reach(curve, 400.0) == 0.0
+    assert seconds_to_reach(curve, 39.0) is None
+
+
+def test_quality_scorer_measures_snapshots_and_floors_under_one_protocol():
+    gen = torch.Generator().manual_seed(0)
+    train, heldout = (torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, generator=gen) for n in (40, 12))
+    real = RealSets(train, heldout, train, "val")
+    scorer = Scorer(real, 24, torch.device("cpu"), None, seed=0)
+    assert (scorer.n, scorer.sets) == (12, 1)
+    blank = torch.zeros(24, 1, 32, 32, dtype=torch.uint8)
+    scores = scorer.score(blank)
+    assert set(scores) == {"swd", "msssim"}  # no feature space: no precision/recall
+    floors = scorer.floors()
+    assert 0 < floors["floor_swd"] < scores["swd"] and 0 < floors["floor_halves_swd"] < scores["swd"]
+    with_features = Scorer(real, 24, torch.device("cpu"), PixelProjection(dim=16), seed=0)
+    assert {"precision", "recall"} <= set(with_features.score(blank)) and "floor_recall" in with_features.floors()
+    assert scorer.memorization(train[:6])["memorization"] == 1.0  # training slices are copies of themselves
+
+
+def test_bench_keeps_quality_and_throughput_options_apart():
+    proc = run_cli("bench", "--budget", "5")
+    assert proc.returncode == 2 and "options of --quality" in proc.stderr, proc.stderr
+    proc = run_cli("bench", "--quality", "--batches", "8")
+    assert proc.returncode == 2 and "not used by --quality" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_quality_bench_writes_curves_floors_and_figures(tmp_path):
+    shards = tmp_path / "shards"
+    make_shards(shards, n_train=256, n_val=48, sizes=(64,))
+    out = tmp_path / "out" / "quality.json"
+    proc = run_cli("bench", "--quality", "--budget", "8", "--every", "4", "--quality-samples", "64",
+                   "--data", str(shards), "--set", "model.ngf=8", "--set", "model.ndf=8", "--json", str(out),
+                   "--workdir", str(tmp_path / "work"), timeout=900, HPCGAN_CACHE=str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    q = result["quality"]
+    assert q["budget_s"] == 8 and q["preset"] == "quickstart" and q["config"]["model"]["ngf"] == 8
+    assert result["device"]["type"] and result["versions"]["torch"]
+    for side in ("reference", "hpcgan"):
+        curve = q[side]["curve"]
+        assert len(curve) >= 2 and curve[0]["seconds"] == 0 and curve[-1]["seconds"] >= 8
+        assert [p["seconds"] for p in curve] == sorted(p["seconds"] for p in curve)
+        assert q[side]["swd"] == curve[-1]["swd"] > 0 and 0 <= q[side]["msssim"] <= 1
+        assert 0 <= q[side]["memorization"]["memorization"] <= 1
+    assert q["reference"]["settings"]["batch"] == 128
+    assert 0 < q["floor_swd"] < q["reference"]["curve"][0]["swd"] and q["floor_halves_swd"] > 0
+    reached = q["seconds_to_reference_swd"]
+    assert reached is None or 0 <= reached <= q["hpcgan"]["train_s"]
+    assert "skipped" in q["pr"] and "hpcgan features" in q["pr"]["skipped"]
+    for name in ("swd", "samples"):
+        with Image.open(q["figures"][name]) as png:
+            png.verify()
+        assert q["figures"][name].endswith(f"quality-{name}.png")
+    assert "Time to quality" in proc.stdout and "real floor" in proc.stdout

@@ -34,3 +34,28 @@ class Plan:
         """The configuration the contract's single figures and the CPU targets refer to."""
         return (64 if 64 in self.resolutions else self.resolutions[0],
                 128 if 128 in self.batches else self.batches[0])
+
+
+QUALITY_BUDGET_S = {"quick": 60.0, "cpu": 600.0, "cuda": 120.0}  # training seconds per side
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    """`hpcgan bench --quality`: both loops for the same training seconds, then every snapshot scored."""
+
+    mode: str  # quick | full
+    data: str | None
+    preset: str  # hpcgan's config: a preset name under hpcgan/configs or a YAML file
+    budget_s: float | None  # None: QUALITY_BUDGET_S by mode, then by device
+    every_s: float | None  # None: a tenth of the budget
+    samples: int  # fixed latents per snapshot, the same for both loops
+    overrides: list[str]  # on top of the preset; model.* keys also size the reference
+    seed: int = 0
+
+    def budget(self, device: str) -> float:
+        if self.budget_s is not None:
+            return self.budget_s
+        return QUALITY_BUDGET_S["quick" if self.mode == "quick" else "cuda" if device == "cuda" else "cpu"]
+
+    def every(self, device: str) -> float:
+        return self.every_s if self.every_s is not None else self.budget(device) / 10
