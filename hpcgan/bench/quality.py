@@ -33,7 +33,7 @@ import hpcgan.metrics as M
 from hpcgan.bench.flops import device_name
 from hpcgan.bench.images import BenchImages, bench_images
 from hpcgan.bench.plan import QualityPlan
-from hpcgan.bench.suite import _versions
+from hpcgan.bench.suite import package_versions
 from hpcgan.bench.throughput import REFERENCE
 from hpcgan.bench.timed import INDEX
 from hpcgan.config import Config, build_config, to_dict
@@ -257,7 +257,7 @@ def measure_quality(plan: QualityPlan, workdir: Path,
     quality["interpolation"] = INTERPOLATION
     quality["elapsed_s"] = time.perf_counter() - start
     result = {"mode": plan.mode, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": shlex.join(["hpcgan", *sys.argv[1:]]), "versions": _versions(),
+              "command": shlex.join(["hpcgan", *sys.argv[1:]]), "versions": package_versions(),
               "device": {"type": device.type, "name": device_name(device), "cores": os.cpu_count() or 1,
                          "threads": torch.get_num_threads()},
               "quality": quality}

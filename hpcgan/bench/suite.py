@@ -37,7 +37,7 @@ from hpcgan.config import Config, build_config, to_dict
 from hpcgan.train.precision import native_bf16
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("torch", "accelerate", "numpy", "pillow", "hpcgan", "nvidia-dali-cuda120", "webdataset"):
         try:
@@ -92,7 +92,7 @@ class Suite:
         load, cores = os.getloadavg()[0], os.cpu_count() or 1
         self.result: dict[str, Any] = {
             "mode": plan.mode, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join(["hpcgan", *sys.argv[1:]]), "versions": _versions(),
+            "command": shlex.join(["hpcgan", *sys.argv[1:]]), "versions": package_versions(),
             "device": {"type": self.device.type, "name": device_name(self.device), "cores": cores,
                        "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                        "bf16_native": self.bf16},
