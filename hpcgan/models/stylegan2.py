@@ -2,14 +2,23 @@
 
 G: a mapping network turns z into a style w; a learned 4x4 constant is refined resolution by
 resolution by modulated/demodulated 3x3 convolutions with per-layer noise; every resolution adds its
-own RGB (here gray) image to an upsampled sum (the skip architecture). D: residual blocks down to 4x4,
-minibatch standard deviation, two dense layers, one logit. Equalised learning rate everywhere (weights
-stored N(0, 1), scaled at run time), so Adam's per-parameter steps are comparable across layers.
+own gray image to an upsampled sum (the skip architecture). D: residual blocks down to 4x4, minibatch
+standard deviation, two dense layers, one logit. Equalised learning rate everywhere (weights stored
+N(0, 1), scaled at run time by 1/sqrt(fan_in), times 0.01 in the mapping network), so Adam's
+per-parameter steps are comparable across layers. Style affines start with bias 1 (styles near 1),
+noise strengths and all other biases with 0, the constant input N(0, 1).
 
-Choices made for portability: modulation is applied to activations ("non-fused"), which is an ordinary
-conv2d and fast on CPUs and GPUs alike; up- and down-sampling are bilinear and average pooling, which
-need no custom kernels. Widths come from `channel_base` and `channel_max`, so one class is the small CPU
-model and the full GPU one. Noise inputs draw from the global RNG: checkpoints restore it.
+Choices made for portability and speed, all in ordinary PyTorch ops:
+- Modulation scales the activations, not the weights ("non-fused"): one shared-weight convolution for
+  the whole batch, the fast path of every backend. The mapping network, the styles, the demodulation
+  coefficients and the summed image stay float32 under autocast; the feature maps follow autocast.
+- Resampling uses the [1, 3, 3, 1] filter in G and D alike. G doubles a feature map with a stride-2
+  transposed convolution followed by that filter, which is bilinear upsampling followed by the 3x3
+  convolution, at a quarter of its cost; its gray image is upsampled bilinearly (the same filter).
+  D filters, then convolves with stride 2. The filter leaves less aliasing than a 2x2 average.
+- Each LeakyReLU's gain sqrt(2) (and the residual 1/sqrt(2)) is folded into the small weight, bias
+  and style tensors, since LeakyReLU commutes with positive scaling: no extra pass over activations.
+- Noise inputs and style mixing draw from the global RNG of the input's device: checkpoints restore it.
 """
 
 from __future__ import annotations
@@ -31,38 +40,69 @@ def widths(cfg: ModelConfig) -> dict[int, int]:
     return {2 ** i: min(cfg.channel_base // 2 ** i, cfg.channel_max) for i in range(2, levels + 1)}
 
 
-class Dense(nn.Module):
-    """A fully connected layer with equalised learning rate and an optional learning-rate multiplier."""
+def blur_kernel(gain: float = 1.0) -> torch.Tensor:
+    """The separable [1, 3, 3, 1] filter, (1, 1, 4, 4), to expand into a depthwise convolution weight."""
+    f = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    k = torch.outer(f, f)
+    return (k * (gain / k.sum())).view(1, 1, 4, 4)
 
-    def __init__(self, c_in: int, c_out: int, *, bias_init: float = 0.0, lr_mul: float = 1.0, act: bool = False):
+
+def blur(x: torch.Tensor, kernel: torch.Tensor, padding: int) -> torch.Tensor:
+    """Each channel of `x` convolved with the (1, 1, 4, 4) `kernel`. Stride 1: a strided depthwise
+    convolution's backward is ~10x slower in bf16 on CPU (measured); the next convolution strides."""
+    c = x.shape[1]
+    return F.conv2d(x, kernel.expand(c, -1, -1, -1), padding=padding, groups=c)
+
+
+def full_precision(x: torch.Tensor) -> torch.autocast:
+    """A region that autocast leaves in float32."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+class Dense(nn.Module):
+    """A fully connected layer with equalised learning rate, a learning-rate multiplier and an optional
+    LeakyReLU."""
+
+    def __init__(self, c_in: int, c_out: int, *, bias_init: float = 0.0, lr_mul: float = 1.0,
+                 act: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(c_out, c_in) / lr_mul)
         self.bias = nn.Parameter(torch.full((c_out,), bias_init / lr_mul))
-        self.scale, self.lr_mul, self.act = lr_mul / math.sqrt(c_in), lr_mul, act
+        gain = GAIN if act else 1.0
+        self.weight_gain, self.bias_gain, self.act = gain * lr_mul / math.sqrt(c_in), gain * lr_mul, act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
-        return F.leaky_relu(x, 0.2) * GAIN if self.act else x
+        x = F.linear(x, self.weight * self.weight_gain, self.bias * self.bias_gain)
+        return F.leaky_relu(x, 0.2) if self.act else x
 
 
 class Conv(nn.Module):
-    """A convolution with equalised learning rate, for D."""
+    """D's convolution: equalised learning rate, optional [1, 3, 3, 1]-filtered downsampling by 2, and
+    an output `gain` (after the activation's)."""
 
-    def __init__(self, c_in: int, c_out: int, k: int, *, bias: bool = True, act: bool = True, down: bool = False):
+    def __init__(self, c_in: int, c_out: int, k: int, *, bias: bool = True, act: bool = True,
+                 down: bool = False, gain: float = 1.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
         self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
-        self.scale, self.act, self.down, self.pad = 1 / math.sqrt(c_in * k * k), act, down, k // 2
+        gain *= GAIN if act else 1.0
+        self.weight_gain, self.bias_gain = gain / math.sqrt(c_in * k * k), gain
+        self.act, self.down, self.k = act, down, k
+        if down:
+            self.register_buffer("blur", blur_kernel(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.weight * self.scale, self.bias, padding=self.pad)
-        if self.down:
-            x = F.avg_pool2d(x, 2)
-        return F.leaky_relu(x, 0.2) * GAIN if self.act else x
+        bias = self.bias * self.bias_gain if self.bias is not None else None
+        weight = self.weight * self.weight_gain
+        if self.down:  # filter, then convolve with stride 2: output pixel i sits between inputs 2i and 2i+1
+            x = F.conv2d(blur(x, self.blur, padding=(self.k + 1) // 2), weight, bias, stride=2)
+        else:
+            x = F.conv2d(x, weight, bias, padding=self.k // 2)
+        return F.leaky_relu(x, 0.2) if self.act else x
 
 
 class Mapping(nn.Module):
-    """z -> w; tracks the average w, the centre that truncation pulls styles towards."""
+    """z -> w, in float32; tracks the average w, the centre that truncation pulls styles towards."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -71,60 +111,75 @@ class Mapping(nn.Module):
         self.register_buffer("w_avg", torch.zeros(cfg.w_dim))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = z * (z.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
-        w = self.layers(z)
-        if self.training:
-            with torch.no_grad():
-                self.w_avg.lerp_(w.detach().float().mean(dim=0), 0.005)
-        return w
+        with full_precision(z):
+            z = z.float()
+            return self.layers(z * (z.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt())
+
+    @torch.no_grad()
+    def track(self, w: torch.Tensor, beta: float = 0.995) -> None:
+        self.w_avg.lerp_(w.detach().mean(dim=0), 1.0 - beta)
 
 
 class ModulatedConv(nn.Module):
-    """A 3x3 (or 1x1) convolution whose input channels are scaled by a per-sample style, and whose output
-    is demodulated back to unit variance (StyleGAN2's replacement of AdaIN)."""
+    """A convolution whose input channels are scaled by a per-sample style and, with `demodulate`, whose
+    output is scaled back to unit variance (StyleGAN2's replacement of AdaIN). `up` doubles the size."""
 
-    def __init__(self, c_in: int, c_out: int, w_dim: int, k: int = 3, demodulate: bool = True) -> None:
+    def __init__(self, c_in: int, c_out: int, w_dim: int, k: int = 3, *, demodulate: bool = True,
+                 up: bool = False, gain: float = 1.0) -> None:
         super().__init__()
         self.affine = Dense(w_dim, c_in, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
-        self.scale, self.demodulate, self.pad = 1 / math.sqrt(c_in * k * k), demodulate, k // 2
+        # Demodulation divides out the weight's scale: only without it does the 1/sqrt(fan_in) gain matter.
+        self.gain = gain if demodulate else gain / math.sqrt(c_in * k * k)
+        self.demodulate, self.up, self.k = demodulate, up, k
+        if up:
+            self.register_buffer("blur", blur_kernel(gain=4.0), persistent=False)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        styles = self.affine(w)
-        weight = self.weight * self.scale
-        x = F.conv2d(x * styles.to(x.dtype).view(*styles.shape, 1, 1), weight.to(x.dtype), padding=self.pad)
-        if self.demodulate:
-            # ||w_oi * s_i||: computed in fp32 whatever autocast runs the convolution in.
-            sigma = torch.einsum("oi,ni->no", weight.float().square().sum(dim=(2, 3)), styles.float().square())
-            x = x * (sigma + 1e-8).rsqrt().to(x.dtype).view(*sigma.shape, 1, 1)
-        return x
+    def forward(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`bias` (c_out,), for a demodulating convolution, is added in the demodulation's pass."""
+        with full_precision(w):
+            styles = self.affine(w.float())
+            if self.demodulate:  # 1 / ||weight_oi * style_i|| per sample and output channel
+                sigma = styles.square() @ self.weight.float().square().sum(dim=(2, 3)).t()
+                out_scale = (sigma + 1e-8).rsqrt() * self.gain
+            else:
+                styles = styles * self.gain
+        x = x * styles.to(x.dtype)[:, :, None, None]
+        if self.up:  # = bilinear upsampling, then the 3x3 convolution (with the kernel flipped)
+            x = F.conv_transpose2d(x, self.weight.transpose(0, 1), stride=2)
+            x = blur(x, self.blur, padding=1)
+        else:
+            x = F.conv2d(x, self.weight, padding=self.k // 2)
+        if not self.demodulate:
+            return x
+        return torch.addcmul(bias.to(x.dtype)[:, None, None], x, out_scale.to(x.dtype)[:, :, None, None])
 
 
 class SynthesisLayer(nn.Module):
+    """Modulated 3x3 convolution, per-pixel noise of learned strength, bias, LeakyReLU."""
+
     def __init__(self, c_in: int, c_out: int, w_dim: int, up: bool = False) -> None:
         super().__init__()
-        self.conv = ModulatedConv(c_in, c_out, w_dim)
+        self.conv = ModulatedConv(c_in, c_out, w_dim, up=up, gain=GAIN)
         self.noise_strength = nn.Parameter(torch.zeros([]))
         self.bias = nn.Parameter(torch.zeros(c_out))
-        self.up = up
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if self.up:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        x = self.conv(x, w)
+        x = self.conv(x, w, self.bias * GAIN)
         noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
-        x = x + noise * self.noise_strength + self.bias.view(1, -1, 1, 1).to(x.dtype)
-        return F.leaky_relu(x, 0.2) * GAIN
+        return F.leaky_relu(torch.addcmul(x, noise, (self.noise_strength * GAIN).to(x.dtype)), 0.2)
 
 
 class ToGray(nn.Module):
+    """Modulated 1x1 convolution to image channels, without demodulation (StyleGAN2's ToRGB)."""
+
     def __init__(self, c_in: int, channels: int, w_dim: int) -> None:
         super().__init__()
         self.conv = ModulatedConv(c_in, channels, w_dim, k=1, demodulate=False)
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self.conv(x, w) + self.bias.view(1, -1, 1, 1).to(x.dtype)
+        return self.conv(x, w).float() + self.bias[:, None, None]
 
 
 class Generator(nn.Module):
@@ -143,53 +198,59 @@ class Generator(nn.Module):
 
     @property
     def num_styles(self) -> int:
-        """Style inputs: one per synthesis layer plus the last ToGray."""
+        """Style inputs: one per synthesis layer plus the last ToGray (each other ToGray shares the style
+        of the layer after it)."""
         return len(self.layers) + 1
 
     def styles(self, z: torch.Tensor, truncation_psi: float = 1.0) -> torch.Tensor:
-        """(N, num_styles, w_dim): one w per layer, mixed from a second latent after a random layer
-        with probability `style_mixing` in training (it keeps neighbouring layers' styles independent)."""
+        """(N, num_styles, w_dim) float32, one w per layer. In training, w_avg follows w and, with
+        probability `style_mixing`, a second latent takes over from a random layer on, so that G cannot
+        rely on neighbouring layers sharing a style. The draw stays on the device (no host sync)."""
         w = self.mapping(z)
-        if truncation_psi != 1.0:
-            w = self.mapping.w_avg.to(w.dtype).lerp(w, truncation_psi)
-        ws = w.unsqueeze(1).repeat(1, self.num_styles, 1)
+        if self.training:
+            self.mapping.track(w)
+        ws = w.unsqueeze(1).expand(-1, self.num_styles, -1)
         if self.training and self.style_mixing > 0:
             cutoff = torch.randint(1, self.num_styles, (), device=z.device)
             mix = torch.rand((), device=z.device) < self.style_mixing
             cutoff = torch.where(mix, cutoff, torch.full_like(cutoff, self.num_styles))
             w2 = self.mapping(torch.randn_like(z))
-            after = (torch.arange(self.num_styles, device=z.device) >= cutoff).view(1, -1, 1)
+            after = (torch.arange(self.num_styles, device=z.device) >= cutoff)[None, :, None]
             ws = torch.where(after, w2.unsqueeze(1), ws)
+        if truncation_psi != 1.0:
+            ws = self.mapping.w_avg.lerp(ws, truncation_psi)
         return ws
 
     def forward(self, z: torch.Tensor, truncation_psi: float = 1.0) -> torch.Tensor:
+        """(N, channels, R, R) float32 images, useful range [-1, 1] (linear output, no tanh)."""
         ws = self.styles(z, truncation_psi)
-        x = self.const.to(ws.dtype).unsqueeze(0).expand(z.shape[0], -1, -1, -1)
+        x = self.const.unsqueeze(0).expand(z.shape[0], -1, -1, -1)
         x = self.layers[0](x, ws[:, 0])
         image = self.to_gray[0](x, ws[:, 1])
         for i, to_gray in enumerate(self.to_gray[1:]):
             x = self.layers[1 + 2 * i](x, ws[:, 1 + 2 * i])
             x = self.layers[2 + 2 * i](x, ws[:, 2 + 2 * i])
-            image = F.interpolate(image, scale_factor=2, mode="bilinear", align_corners=False) + to_gray(x, ws[:, 3 + 2 * i])
+            image = F.interpolate(image, scale_factor=2, mode="bilinear") + to_gray(x, ws[:, 3 + 2 * i])
         return image
 
 
 class DBlock(nn.Module):
-    """Two convolutions, the second halving the size, beside a 1x1 skip; summed at unit variance."""
+    """Two convolutions, the second halving the size, beside a filtered 1x1 skip; summed at unit variance."""
 
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
         self.conv0 = Conv(c_in, c_in, 3)
-        self.conv1 = Conv(c_in, c_out, 3, down=True)
-        self.skip = Conv(c_in, c_out, 1, bias=False, act=False, down=True)
+        self.conv1 = Conv(c_in, c_out, 3, down=True, gain=math.sqrt(0.5))
+        self.skip = Conv(c_in, c_out, 1, bias=False, act=False, down=True, gain=math.sqrt(0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.skip(x) + self.conv1(self.conv0(x))) / math.sqrt(2)
+        return self.skip(x) + self.conv1(self.conv0(x))
 
 
 def minibatch_stddev(x: torch.Tensor, group: int = 4) -> torch.Tensor:
     """One extra channel: the standard deviation across a group of samples, so D can see a batch that
-    lacks variety (mode collapse). The group is the largest size <= `group` that divides the batch."""
+    lacks variety (mode collapse). The group is the largest size <= `group` that divides the batch;
+    sample j belongs to group j mod (N / size)."""
     n, c, h, w = x.shape
     g = max(d for d in range(1, min(group, n) + 1) if n % d == 0)
     y = x.float().reshape(g, n // g, c, h, w)
@@ -210,7 +271,12 @@ class Discriminator(nn.Module):
         self.out = Dense(ch[4], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.from_gray(x))
+        """(N,) logits."""
+        # A one-channel image and FromGray's 1x1 weight have no layout of their own, so FromGray's output
+        # would be NCHW: give it the layout the other weights have (channels_last after .to()).
+        cl = self.conv.weight.is_contiguous(memory_format=torch.channels_last)
+        x = self.from_gray(x).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        x = self.blocks(x)
         x = self.conv(minibatch_stddev(x))
         return self.out(self.dense(x.flatten(1))).flatten()
 
