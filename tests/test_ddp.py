@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
+from contextlib import ExitStack
 
 import pytest
 
-from helpers import REPO, TINY, assert_identical, cli_env, final_weights
+from helpers import REPO, TINY, assert_identical, cli_env, final_weights, hpcgan_cmd, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -51,3 +54,32 @@ def test_ddp_checkpoint_and_resume_is_exact(image_folder, tmp_path):
     assert sorted(p.name for p in ckpt.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
     train(tmp_path / "resumed", 8)
     assert_identical(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight"))
+
+
+def test_interrupted_ranks_save_and_exit_75(image_folder, tmp_path):
+    """Two `hpcgan train` processes wired as srun wires them (rank 0 hosts the rendezvous store), both sent
+    SIGUSR1: each saves, leaves the group and exits 75 through the CLI's fast exit, none aborts."""
+    out, port = tmp_path / "run", str(free_port())
+    args = train_args(image_folder, out, "train.steps=100000", "train.sync_every=1", "checkpoint.every=2",
+                      "train.log_every=1000")
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    with ExitStack() as stack:
+        procs = []
+        for rank, log in enumerate(logs):
+            env = cli_env(OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            procs.append(subprocess.Popen(hpcgan_cmd(*args), env=env, stdout=subprocess.DEVNULL,
+                                          stderr=stack.enter_context(log.open("w"))))
+            stack.callback(procs[-1].kill)
+        deadline = time.monotonic() + 240
+        while not list(out.glob("checkpoints/step-*/COMPLETE")):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+            time.sleep(0.2)
+        for proc in procs:
+            proc.send_signal(signal.SIGUSR1)
+        codes = [proc.wait(timeout=240) for proc in procs]
+    text = "".join(log.read_text() for log in logs)
+    assert codes == [75, 75], text[-3000:]
+    assert "terminate called" not in text
+    saved = json.loads(sorted(out.glob("checkpoints/step-*/state.json"))[-1].read_text())
+    assert saved["step"] >= 2 and saved["world_size"] == 2

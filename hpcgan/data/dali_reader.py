@@ -8,9 +8,15 @@ epoch. Every rank serves `batches_per_epoch` = N // global_batch batches, then t
 replaced, so epochs are exact and all ranks take the same number of steps.
 
 The state is (epoch, batch) plus this rank's DALI checkpoint, which covers the batches returned so far
-(not the ones DALI prefetched). A state without a checkpoint for this rank (the trainer may save rank
-0's state only) is restored by rebuilding the epoch's pipeline, seeded by (seed, epoch, rank), and
-replaying the epoch's first `batch` batches: exact, at the cost of at most one epoch of decoding.
+(not the ones DALI prefetched). A state without a checkpoint for this rank and process count (the
+trainer may save rank 0's state only) is restored by rebuilding the epoch's pipeline, seeded by
+(seed, epoch, rank), and replaying the epoch's first `batch` batches when the next batch is asked for:
+exact, at the cost of at most one epoch of decoding.
+
+An epoch's order depends on the number of processes (each rank streams its own part of the shard
+list), so on another process count a position keeps the epoch and the number of batches served, but the
+rest of that epoch is cut differently: until it ends, samples may repeat or be skipped. From the next
+epoch on, every sample is again seen once per epoch.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ def _first_line(err: BaseException) -> str:
 
 
 class DaliReader:
+    world_invariant = False
+
     def __init__(self, split: Split, *, seed: int, global_batch: int, rank: int = 0, world: int = 1,
                  device: torch.device | str = "cpu", flip: bool = True, workers: int = 2,
                  shuffle_buffer: int = 1024) -> None:
@@ -45,7 +53,7 @@ class DaliReader:
         self._per_rank, self._threads = share.stop - share.start, max(1, workers)
         self._buffer = max(1, min(shuffle_buffer, self.num_images // world))
         self.epoch, self.batch = 0, 0
-        self._pipe = self._build(None)
+        self._pipe: Any = self._build(None)  # None: rebuild and replay to `batch` at the next batch
 
     def _build(self, checkpoint: bytes | None) -> Any:
         """This rank's pipeline for the current epoch, fresh or restored from a checkpoint."""
@@ -93,6 +101,10 @@ class DaliReader:
         if self.batch == self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
             self._pipe = self._build(None)
+        elif self._pipe is None:
+            self._pipe = self._build(None)
+            for _ in range(self.batch):
+                self._run()
         tensor = self._run().as_tensor()
         x = torch.empty(tensor.shape(), dtype=torch.float32,
                         device=self.device if self.device.type == "cuda" else "cpu")
@@ -101,16 +113,16 @@ class DaliReader:
         return x.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict[str, Any]:
-        checkpoint = base64.b64encode(self._pipe.checkpoint()).decode("ascii")
-        return {"epoch": self.epoch, "batch": self.batch,
-                "dali": {"rank": self.rank, "world": self.world, "checkpoint": checkpoint}}
+        state: dict[str, Any] = {"epoch": self.epoch, "batch": self.batch}
+        if self._pipe is not None:
+            checkpoint = base64.b64encode(self._pipe.checkpoint()).decode("ascii")
+            state["dali"] = {"rank": self.rank, "world": self.world, "checkpoint": checkpoint}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Exact at once from this rank's own checkpoint; otherwise replayed lazily, so that a second load
+        before the next batch (the trainer's, after a change of process count) costs nothing."""
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         saved = state.get("dali") or {}
-        if saved.get("rank") == self.rank and saved.get("world") == self.world:
-            self._pipe = self._build(base64.b64decode(saved["checkpoint"]))
-            return
-        self._pipe = self._build(None)
-        for _ in range(self.batch if self.batch < self.batches_per_epoch else 0):  # at the end: replaced next
-            self._run()
+        own = saved.get("rank") == self.rank and saved.get("world") == self.world
+        self._pipe = self._build(base64.b64decode(saved["checkpoint"])) if own else None

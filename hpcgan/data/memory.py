@@ -1,8 +1,9 @@
 """The in-memory reader: the whole uint8 set lives on the training device; no worker processes.
 
 Shuffling, flips and the uint8 -> [-1, 1] conversion run on the device, so the host does nothing per
-step. Order and flips of an epoch come from `epoch_generator(seed, epoch)`: the position
-(epoch, batch) is the whole state.
+step. Order and flips of an epoch come from `epoch_generator(seed, epoch)`, and rank r takes slice r of
+each global batch: the position (epoch, batch) is the whole state, and it means the same on any number
+of processes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def to_unit_range(x: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
 
 
 class MemoryReader:
+    world_invariant = True
+
     def __init__(self, images: torch.Tensor, *, seed: int, global_batch: int, rank: int = 0,
                  world: int = 1, device: torch.device | str = "cpu", flip: bool = True,
                  device_resident: bool = True) -> None:

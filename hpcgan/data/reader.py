@@ -2,7 +2,8 @@
 
 Every reader (memory, webdataset, dali) yields one rank's share of each global batch as float
 (B, C, H, W) in [-1, 1] on the training device, and can snapshot and restore its position so that a
-resumed run sees exactly the batches an uninterrupted one would have.
+resumed run sees exactly the batches an uninterrupted one would have. Every position holds the global
+part (epoch, batch): `batch` counts global batches served in `epoch`, the same number on every rank.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ class Reader(Protocol):
     num_images: int  # images in one epoch of the training set
     batches_per_epoch: int  # global batches per epoch (the last partial batch is dropped)
     image_shape: tuple[int, int, int]  # (C, H, W)
+    # True if the global order of samples is the same for every number of processes: the global part
+    # of a position then continues it exactly on another world size.
+    world_invariant: bool
 
     def next_batch(self) -> torch.Tensor: ...
 
@@ -28,6 +32,11 @@ class Reader(Protocol):
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def global_position(state: dict[str, Any]) -> dict[str, int]:
+    """The part of a reader position that means the same on any number of processes."""
+    return {"epoch": int(state["epoch"]), "batch": int(state["batch"])}
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -15,7 +15,8 @@ Every rank and every worker reads the same stream (bytes only: a sample's PNG is
 worker whose batch holds it, and only on the rank whose share it is). Worker w of n handles batches
 w, w + n, ...; the DataLoader returns workers' items round robin, so batches come in order and the
 order does not depend on the number of workers or ranks. The position (epoch, batch) is the whole
-state: a resumed epoch replays the stream and skips (without decoding) the batches already served.
+state, on any number of processes: a resumed epoch replays the stream and skips (without decoding) the
+batches already served.
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ class _EpochStream(IterableDataset):
 
 
 class WebDatasetReader:
+    world_invariant = True
+
     def __init__(self, split: Split, *, seed: int, global_batch: int, rank: int = 0, world: int = 1,
                  device: torch.device | str = "cpu", flip: bool = True, workers: int = 2,
                  shuffle_buffer: int = SHUFFLE_BUFFER) -> None:

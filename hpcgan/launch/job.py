@@ -39,7 +39,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self, argv: list[str]) -> str:
         from hpcgan.cli import build_parser, resolve_train_config, setup_logging
         from hpcgan.train import EXIT_INTERRUPTED, Trainer
-        from hpcgan.train.loop import release_distributed
+        from hpcgan.train.distributed import release_distributed
 
         export_distributed_env()
         setup_logging()

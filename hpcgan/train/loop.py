@@ -22,6 +22,7 @@ from hpcgan.augment import build_augment
 from hpcgan.models.ema import EMA, ema_decay
 from hpcgan.models.losses import d_loss, g_loss, r1_penalty
 from hpcgan.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointManager, step_dir_name
+from hpcgan.train.distributed import release_distributed, resume_on_new_world
 from hpcgan.train.precision import precision_name
 from hpcgan.train.progress import Reporter, StepStats
 from hpcgan.train.run_folder import CONFIG_FILE, RunFolder, RunLock, RunLockedError
@@ -99,12 +100,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _restore(self, folder: Path) -> None:
-        if not self.ckpt.load(folder):
-            log.warning("%s holds no state for rank %d (saved with %d processes, now %d): "
-                        "continuing with fresh noise, not an exact continuation",
-                        folder, self.rank, self.state.world_size, self.world)
-            self.reader.load_state_dict(self.state.data)
-            seed_everything(rank_seed(self.cfg.seed, self.rank) + self.state.step)
+        """Load `folder`; one written by another number of processes continues in global terms."""
+        if not self.ckpt.load(folder) or self.state.world_size != self.world:
+            change = resume_on_new_world(folder, self.state, seed=self.cfg.seed, rank=self.rank, world=self.world,
+                                         global_batch=self.cfg.train.batch_size, reader=self.reader,
+                                         augment=self.augment)
+            if self.is_main:
+                log.info("%s", change)
         self.state.restarts += 1
         self.state.world_size = self.world
         self._saved_step = self.state.step
@@ -304,12 +306,6 @@ class Trainer:
                         self.interrupt.signum, "during the step after" if data is not None else "at",
                         self.state.step, EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
-
-
-def release_distributed() -> None:
-    """Destroy the process group before exit: an undestroyed gloo group can abort the process."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def train(cfg: Config, run_dir: str | Path) -> int:
