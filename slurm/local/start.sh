@@ -1,15 +1,34 @@
 #!/usr/bin/env bash
-# Start a real single-node SLURM (Debian's slurm-wlm 22.05 + munge + slurmdbd/MariaDB)
+# Start a real SLURM (Debian's slurm-wlm 22.05 + munge + slurmdbd/MariaDB) on this one machine
 # for development and CI. Idempotent: starts only what is not already running.
+#   --nodes N  N compute nodes, each slurmd in its own network + UTS namespace (node1..nodeN on
+#              $HPCGAN_SLURM_SUBNET.1..N); default 1: one slurmd on this host, no namespaces.
 # Run as root. State lives in $HPCGAN_SLURM_DIR (default /var/lib/hpcgan-slurm).
 # Stop with slurm/local/stop.sh (stops exactly the daemons started here, by pid file).
 set -euo pipefail
+HERE=$(dirname "$(readlink -f "$0")")
 # shellcheck source=common.sh
-source "$(dirname "$(readlink -f "$0")")/common.sh"
+source "$HERE/common.sh"
 
+NODES=1
+while (($#)); do
+    case $1 in
+        --nodes) NODES=${2:-}; shift 2 || shift ;;
+        --nodes=*) NODES=${1#*=}; shift ;;
+        *) die "usage: $0 [--nodes N]" ;;
+    esac
+done
+[[ $NODES =~ ^[1-9][0-9]*$ ]] && ((NODES <= 250)) || die "--nodes: a number from 1 to 250"
+[[ $SUBNET =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "HPCGAN_SLURM_SUBNET: three octets, e.g. 10.77.0"
 [[ $(id -u) == 0 ]] || die "run as root (the daemons run as SlurmUser=root)"
 [[ $D != *[,\ ]* ]] || die "HPCGAN_SLURM_DIR must not contain spaces or commas (it goes into AuthInfo=socket=...)"
 T0=$(date +%s)
+HOST=$(hostname -s)
+if ((NODES == 1)); then
+    NODE_NAMES=("$HOST")
+else
+    mapfile -t NODE_NAMES < <(seq -f 'node%g' "$NODES")
+fi
 
 # ---------------------------------------------------------------- packages
 PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
@@ -37,8 +56,37 @@ fi
 install -d -m 755 "$D" "$ETC" "$RUN" "$LOG" "$D/state/ctld" "$D/state/slurmd"
 install -d -m 700 "$MUNGE_DIR" "$DB_DIR"
 
+# A different node layout (other --nodes) means other node names, addresses and controller
+# address: reconfigure cannot do that, so stop the old cluster (jobs, daemons, namespaces) first.
+# A cluster started before start.sh knew --nodes has no nodes file: it is the one-node layout.
+old_layout=$(cat "$NODES_FILE" 2>/dev/null || { live_pid slurmd >/dev/null && echo "$HOST"; } || true)
+if [[ -n $old_layout && $old_layout != "$(printf '%s\n' "${NODE_NAMES[@]}")" ]]; then
+    log "node layout changes to ${NODE_NAMES[*]}: stopping the cluster of $(paste -sd' ' <<<"$old_layout") first"
+    bash "$HERE/stop.sh"
+fi
+printf '%s\n' "${NODE_NAMES[@]}" >"$NODES_FILE"
+
+# ---------------------------------------------------------------- node namespaces (--nodes > 1)
+# Each node: a network namespace with a veth to the bridge. $ETC/hosts (node names -> addresses,
+# as DNS has them on a real cluster) is bind-mounted over /etc/hosts for each slurmd, see below.
+if ((NODES > 1)); then
+    ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
+    ip addr replace "$CTLD_NET_ADDR/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+    { printf '127.0.0.1 localhost\n%s %s\n' "$CTLD_NET_ADDR" "$HOST"
+      for i in "${!NODE_NAMES[@]}"; do echo "$SUBNET.$((i + 1)) ${NODE_NAMES[i]}"; done; } >"$ETC/hosts"
+    for i in "${!NODE_NAMES[@]}"; do
+        ns=$(node_ns "${NODE_NAMES[i]}")
+        [[ -e /run/netns/$ns ]] || ip netns add "$ns"
+        ip link show "$ns" >/dev/null 2>&1 || ip link add "$ns" type veth peer name eth0 netns "$ns"
+        ip link set "$ns" master "$BRIDGE" up
+        ip -n "$ns" addr replace "$SUBNET.$((i + 1))/24" dev eth0
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set eth0 up
+    done
+fi
+
 # ---------------------------------------------------------------- slurm.conf
-NODE=$(hostname -s)
 CPUS=$(nproc --all)
 MEM_MB=$(awk '/^MemTotal:/ {print int($2/1024)}' /proc/meminfo)
 REAL_MB=$((MEM_MB * 95 / 100))       # a bit under the real: slurmd drains a node that has less than it advertises
@@ -47,11 +95,32 @@ DEF_MEM=$((REAL_MB / CPUS))          # jobs without --mem get a per-CPU share, s
 # time to write a checkpoint. Real clusters: minutes.
 GRACE=${HPCGAN_SLURM_GRACE:-20}
 
+# What differs with several nodes: the nodes reach the controller and slurmdbd on the bridge, not
+# on 127.0.0.1 (their own loopback); per-node slurmd files (%n = node name); a dead node is
+# noticed after 30 s instead of 300 s. Every node is this machine (same CPUs and memory);
+# Weight makes one-node jobs take node1 first; `high` holds node1 only, so a `high` job has to
+# preempt there instead of simply taking an idle node.
+if ((NODES == 1)); then
+    TITLE="Single-node development/CI cluster."
+    CTLD_ADDR=127.0.0.1 SLURMD_FILE=slurmd SLURMD_SPOOL=$D/state/slurmd
+    NODE_LINES="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$REAL_MB State=UNKNOWN"
+    ALL_NODES=$HOST HIGH_NODES=$HOST TIMEOUTS=""
+else
+    TITLE="$NODES-node development/CI cluster: one network and UTS namespace per slurmd."
+    CTLD_ADDR=$CTLD_NET_ADDR SLURMD_FILE=slurmd-%n SLURMD_SPOOL=$D/state/slurmd/%n
+    NODE_LINES=$(for i in "${!NODE_NAMES[@]}"; do
+        n=${NODE_NAMES[i]}
+        echo "NodeName=$n NodeHostname=$n NodeAddr=$SUBNET.$((i + 1)) Weight=$((i + 1)) CPUs=$CPUS RealMemory=$REAL_MB State=UNKNOWN"
+    done)
+    ALL_NODES="node[1-$NODES]" HIGH_NODES=node1
+    TIMEOUTS=$'\n# A node whose slurmd stops answering is DOWN after 30 s; its jobs are requeued (JobRequeue=1).\nSlurmdTimeout=30'
+fi
+
 new_conf=$(cat <<EOF
 $MARKER
-# Single-node development/CI cluster. Regenerated on every start; edit start.sh, not this.
+# $TITLE Regenerated on every start; edit start.sh, not this.
 ClusterName=$CLUSTER
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$HOST($CTLD_ADDR)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -59,11 +128,11 @@ CredType=cred/munge
 # Own munged socket; cred_expire=10: a requeued job may start again after 10 s, not 120 s.
 AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 StateSaveLocation=$D/state/ctld
-SlurmdSpoolDir=$D/state/slurmd
+SlurmdSpoolDir=$SLURMD_SPOOL
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/$SLURMD_FILE.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/$SLURMD_FILE.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
@@ -78,7 +147,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 # Fast scheduling passes and kill timeout: preempt -> requeue -> run again in ~30 s.
 SchedulerParameters=sched_interval=2,bf_interval=1
-KillWait=10
+KillWait=10$TIMEOUTS
 JobRequeue=1
 # Reject requests no node can ever satisfy at submission (as production clusters do), instead of
 # leaving them PENDING with reason PartitionConfig forever.
@@ -90,13 +159,13 @@ PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
 # submitit reads job states only through sacct -> accounting is required.
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
+AccountingStorageHost=$CTLD_ADDR
 AccountingStoragePort=6819
 # slurmdbd connections ignore AuthInfo: give them the munge socket here.
 AccountingStoragePass=socket=$MUNGE_SOCKET
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$REAL_MB State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES PriorityTier=1 GraceTime=$GRACE MaxTime=INFINITE DefMemPerCPU=$DEF_MEM State=UP
-PartitionName=high Nodes=$NODE PriorityTier=10 MaxTime=INFINITE DefMemPerCPU=$DEF_MEM State=UP
+$NODE_LINES
+PartitionName=debug Nodes=$ALL_NODES Default=YES PriorityTier=1 GraceTime=$GRACE MaxTime=INFINITE DefMemPerCPU=$DEF_MEM State=UP
+PartitionName=high Nodes=$HIGH_NODES PriorityTier=10 MaxTime=INFINITE DefMemPerCPU=$DEF_MEM State=UP
 EOF
 )
 
@@ -199,29 +268,44 @@ else
     slurmctld
     log "slurmctld started"; started+=(slurmctld)
 fi
-if ! live_pid slurmd >/dev/null; then
-    slurmd
-    log "slurmd started"; started+=(slurmd)
+if ((NODES == 1)); then
+    if ! live_pid slurmd >/dev/null; then
+        slurmd
+        log "slurmd started"; started+=(slurmd)
+    fi
+else
+    for node in "${NODE_NAMES[@]}"; do
+        live_pid "slurmd-$node" >/dev/null && continue
+        install -d -m 755 "$D/state/slurmd/$node"
+        # Into the node's network namespace, with a UTS namespace (host name = node name, for
+        # slurmd and its jobs) and a mount namespace that differs from the host's only by
+        # $ETC/hosts on /etc/hosts: the file system stays shared, and host mounts propagate in
+        # (slave). Not `ip netns exec`: it remounts /sys, hiding the cgroup fs slurmd needs.
+        # -N: which NodeName this slurmd is.
+        nsenter --net="/run/netns/$(node_ns "$node")" unshare --uts --mount --propagation slave \
+            sh -c 'mount --bind "$2" /etc/hosts && hostname "$1" && exec slurmd -N "$1"' \
+            sh "$node" "$ETC/hosts"
+        log "slurmd of $node started"; started+=("slurmd-$node")
+    done
 fi
 if ((ctld_was_running && conf_changed)); then
     log "config changed while running: scontrol reconfigure"
     scontrol reconfigure
 fi
 
-# ---------------------------------------------------------------- wait for an idle node
-state=""
+# ---------------------------------------------------------------- wait for idle nodes
+# Up = idle, mix, alloc or comp (a node that comes back may at once run a job requeued meanwhile).
+not_up() { sinfo -h -N -o '%N %t' 2>/dev/null | awk '$2 !~ /^(idle|mix|alloc|comp)$/ {print $1 ": " $2} END {if (!NR) print "none"}'; }
+down=""
 for _ in $(seq 300); do
-    state=$(sinfo -h -N -n "$NODE" -o %t 2>/dev/null | head -1 || true)
-    case $state in idle | mix | alloc) break ;; esac
+    down=$(not_up || true)
+    [[ -z $down ]] && break
     sleep 0.2
 done
-case $state in
-    idle | mix | alloc) ;;
-    *) die "node $NODE is '${state:-unreachable}' after 60 s; see $LOG/slurmctld.log $LOG/slurmd.log" ;;
-esac
+[[ -z $down ]] || die "nodes not up after 60 s: $(paste -sd, <<<"$down"); see $LOG/slurmctld.log $LOG/slurmd*.log"
 
 ((${#started[@]})) || log "already running (nothing started)"
-log "cluster '$CLUSTER' up: node $NODE is $state (partitions debug [default], high) in $(($(date +%s) - T0)) s"
+log "cluster '$CLUSTER' up: node(s) ${NODE_NAMES[*]} up (partitions debug [default], high) in $(($(date +%s) - T0)) s"
 if [[ $CLIENT_CONF != "$SYS_CONF" ]]; then
     log "$SYS_CONF was not written by this script and is left alone; in every shell run:"
     log "    export SLURM_CONF=$ETC/slurm.conf"
