@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, assert_identical, final_weights
+from helpers import REPO, TINY, assert_identical, final_weights
 from test_launch import finish, job_id, one_mlflow_run, sacct_states, submit, wait_for_step
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -196,3 +196,14 @@ def test_two_node_checkpoint_resumes_on_one_process(two_node_run, image_folder, 
         "rank-00000.pt"]
     assert logged_steps(out) == list(range(1, STEPS + 11))
     one_mlflow_run(tmp_path)
+
+
+def test_bench_weak_scaling_measures_two_nodes(nodes, image_folder, tmp_path):
+    """The bench's scaling stage: 1 and 2 local processes, then one process on each of two nodes."""
+    from hpcgan.bench import scaling
+    from hpcgan.config import build_config
+
+    cfg = build_config(overrides=[*TINY, "train.batch_size=4", f"data.path={image_folder}"])
+    result = scaling.weak_scaling(cfg, tmp_path, warmup=1, steps=2)
+    two = result["two_nodes"]
+    assert two["nodes"] == nodes[:2] and two["images_per_s"] > 0 and 0 < two["efficiency"] < 2, result

@@ -151,6 +151,10 @@ def table(result: dict[str, Any], targets: list[Target]) -> str:
         lines.append(f"Weak scaling, gloo, 1 thread per process, batch {scaling['batch_per_process']} per process: "
                      f"1 process {scaling['images_per_s_1']:.1f}, 2 processes {scaling['images_per_s_2']:.1f} "
                      f"images/s -> efficiency {scaling['efficiency']:.0%}")
+        nodes = scaling.get("two_nodes", {})
+        lines.append(f"  2 nodes ({', '.join(nodes['nodes'])}, 1 process each): {nodes['images_per_s']:.1f} images/s "
+                     f"-> efficiency {nodes['efficiency']:.0%}" if "efficiency" in nodes
+                     else f"  2 nodes: {nodes.get('skipped', 'not measured')}")
     elif scaling:
         lines.append(f"Scaling: {scaling.get('skipped') or scaling}")
     projection = result.get("projection")

@@ -2,7 +2,10 @@
 
 Weak scaling keeps the per-process batch: 1 process on 1 core against 2 processes on 1 core each
 (OMP_NUM_THREADS=1), both started by `torch.distributed.run` so that the two runs differ only in the
-world size. Efficiency = images/s(2) / (2 x images/s(1)).
+world size. Efficiency = images/s(2) / (2 x images/s(1)). Where SLURM has two idle nodes in its default
+partition (the local cluster of `slurm/local/start.sh --nodes 2` here), the same 2 processes also run
+as one task on each node, started by `srun` with the rendezvous taken from the SLURM environment as
+`hpcgan train` takes it: the 2-node figure, traffic crossing the nodes' network.
 
 The projection is arithmetic on measured numbers: the step time, and the gradient bytes DDP all-reduces
 per step (D's after the D update, G's after the G update; D's gradients from the G update are not
@@ -18,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,6 +33,7 @@ from typing import Any
 from hpcgan.config import Config, ModelConfig, build_config, flatten
 from hpcgan.models import build_models
 from hpcgan.train import Trainer
+from hpcgan.train.distributed import release_distributed
 
 
 @dataclass(frozen=True)
@@ -107,11 +112,47 @@ def images_per_s(cfg: Config, processes: int, workdir: Path, *, warmup: int, ste
     return json.loads(out.read_text())["images_per_s"]
 
 
-def weak_scaling(cfg: Config, workdir: Path, *, warmup: int, steps: int) -> dict[str, float | int | str]:
+def idle_slurm_nodes() -> list[str]:
+    """Idle nodes of SLURM's default partition; none where SLURM is not reachable."""
+    if not shutil.which("sinfo"):
+        return []
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-t", "idle", "-o", "%N %P"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except subprocess.TimeoutExpired:
+        return []
+    return sorted({line.split()[0] for line in out.splitlines() if line.split()[-1].endswith("*")})
+
+
+def images_per_s_two_nodes(cfg: Config, workdir: Path, *, warmup: int, steps: int) -> float:
+    """`images_per_s` with 2 processes as one SLURM task on each of two nodes."""
+    out = workdir / "scaling-2-nodes.json"
+    overrides = [f"{k}={json.dumps(v)}" for k, v in flatten(cfg).items()]
+    overrides.append(f"train.batch_size={cfg.train.batch_size * 2}")
+    cmd = ["srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=30", "--job-name=hpcgan-scaling",
+           sys.executable, "-m", "hpcgan.bench.scaling", str(out), str(workdir / "scaling-run-2-nodes"),
+           str(warmup), str(steps), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SUBMITIT_EXECUTOR": "slurm"}  # the environment sbatch jobs get
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode:
+        raise RuntimeError(f"2-node run failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(out.read_text())["images_per_s"]
+
+
+def weak_scaling(cfg: Config, workdir: Path, *, warmup: int, steps: int) -> dict[str, Any]:
     one = images_per_s(cfg, 1, workdir, warmup=warmup, steps=steps)
     two = images_per_s(cfg, 2, workdir, warmup=warmup, steps=steps)
-    return {"backend": "gloo", "threads_per_process": 1, "batch_per_process": cfg.train.batch_size,
-            "images_per_s_1": one, "images_per_s_2": two, "efficiency": two / (2 * one)}
+    result: dict[str, Any] = {"backend": "gloo", "threads_per_process": 1, "batch_per_process": cfg.train.batch_size,
+                              "images_per_s_1": one, "images_per_s_2": two, "efficiency": two / (2 * one)}
+    nodes = idle_slurm_nodes()
+    if len(nodes) < 2:
+        result["two_nodes"] = {"skipped": "SLURM has fewer than 2 idle nodes in its default partition "
+                                          "(here: bash slurm/local/start.sh --nodes 2)"}
+        return result
+    rate = images_per_s_two_nodes(cfg, workdir, warmup=warmup, steps=steps)
+    result["two_nodes"] = {"nodes": nodes[:2], "tasks_per_node": 1, "images_per_s": rate,
+                           "efficiency": rate / (2 * one)}
+    return result
 
 
 def _worker(argv: list[str]) -> None:
@@ -122,19 +163,26 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("steps", type=int)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    trainer = Trainer(build_config(overrides=args.overrides), args.run)
-    for _ in range(args.warmup):
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        from hpcgan.launch.job import export_distributed_env
+        export_distributed_env()
+    _measure(Trainer(build_config(overrides=args.overrides), args.run), Path(args.out), args.warmup, args.steps)
+    release_distributed()
+
+
+def _measure(trainer: Trainer, out: Path, warmup: int, steps: int) -> None:
+    for _ in range(warmup):
         trainer.step()
     trainer.acc.wait_for_everyone()
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         stats = trainer.step()
     stats.tolist()
     trainer.acc.wait_for_everyone()
     elapsed = time.perf_counter() - start
     if trainer.is_main:
-        rate = args.steps * trainer.cfg.train.batch_size / elapsed
-        Path(args.out).write_text(json.dumps({"images_per_s": rate, "world": trainer.world}))
+        rate = steps * trainer.cfg.train.batch_size / elapsed
+        out.write_text(json.dumps({"images_per_s": rate, "world": trainer.world}))
 
 
 if __name__ == "__main__":
