@@ -38,6 +38,17 @@ class ModelConfig:
     w_dim: int = 512  # intermediate latent (style) size
     mapping_layers: int = 8
     style_mixing: float = 0.9  # probability of mixing two latents in a training forward pass
+    # Class-conditional G and projection D: true takes the classes from the data, an integer states their
+    # number (checked against the data); the run saves the resolved number. False (or 0): unconditional.
+    conditional: int | bool = False
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a conditional model, 0 for an unconditional one."""
+        if self.conditional is True:
+            raise ConfigError("model.conditional=true: the number of classes is taken from the data when "
+                              "training starts; build the model from the run's saved config")
+        return int(self.conditional)
 
 
 @dataclass
@@ -72,6 +83,7 @@ class TrainConfig:
     r1_gamma: float = 0.0  # R1 gradient penalty weight on real images; 0 disables
     r1_every: int = 16  # lazy R1: the penalty every N steps, scaled by N
     ema_half_life_images: int = 0  # > 0: EMA decay per step from this half-life in images (overrides ema_decay)
+    class_balance: str = "data"  # conditional: fake labels as the real batch's (data) | uniform over classes (balanced)
 
 
 @dataclass
@@ -141,6 +153,7 @@ class Config:
             "data.reader": (self.data.reader, {"auto", "memory", "webdataset", "dali"}),
             "train.mixed_precision": (self.train.mixed_precision, {"auto", "no", "bf16", "fp16"}),
             "train.loss": (self.train.loss, {"logistic", "hinge"}),
+            "train.class_balance": (self.train.class_balance, {"data", "balanced"}),
             "augment.mode": (self.augment.mode, {"off", "fixed", "ada"}),
         }
         for key, (value, allowed) in choices.items():
@@ -174,7 +187,8 @@ class Config:
                 raise ConfigError(f"{key}={value}: must be in [0, 1]")
         for key, value in {"train.lr": self.train.lr, "train.r1_gamma": self.train.r1_gamma,
                            "data.workers": self.data.workers, "track.flush_every_s": self.track.flush_every_s,
-                           "train.ema_half_life_images": self.train.ema_half_life_images}.items():
+                           "train.ema_half_life_images": self.train.ema_half_life_images,
+                           "model.conditional": self.model.conditional}.items():
             if value < 0:
                 raise ConfigError(f"{key}={value}: must be >= 0")
         return self
@@ -207,8 +221,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(key, value, inner[0])
+        for option in inner:  # e.g. int | bool: the first type that takes the value as it is
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {' or '.join(h.__name__ for h in inner)}, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):

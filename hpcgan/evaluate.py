@@ -7,21 +7,32 @@ vs held-out, and halves of train, under the same protocol), and feature metrics 
 space: an Inception file when given, else the data set's offline encoder (`hpcgan features`). A metric
 that cannot run (no feature space) is reported as skipped with its reason, never faked; the exit code
 is non-zero only on an error.
+
+`--utility` runs the downstream utility test instead (`hpcgan.metrics.utility`): a small fixed classifier
+trained on real, synthetic, real+synthetic and augmented real slices, tested on held-out real slices,
+into utility.json, utility.png and MLflow. It needs a conditional run and a labelled shard folder: the
+synthetic slices are generated for the classes of the real training slices, as many per class.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 
 import hpcgan.metrics as M
-from hpcgan.data import load_real, shards
+import hpcgan.metrics.utility as U
+from hpcgan.config import ConfigError
+from hpcgan.data import load_labelled, load_real, shards
 from hpcgan.data.pixels import to_unit
 from hpcgan.train.checkpoint import CheckpointManager, resolve_checkpoint
+from hpcgan.train.conditioning import allocate
 from hpcgan.train.generator import load_generator
 from hpcgan.train.run_folder import RunFolder, config_of
 from hpcgan.train.evaluation import real_floors
@@ -40,6 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "$HPCGAN_INCEPTION_WEIGHTS); without it FID/KID are skipped")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="evaluate the raw generator instead of the EMA copy")
+    parser.add_argument("--utility", action="store_true",
+                        help="downstream utility test instead of the quality metrics: a fixed classifier trained "
+                             "on real, synthetic, real+synthetic and augmented real slices, tested on held-out "
+                             "real slices (needs a conditional run and labelled shards)")
+    parser.add_argument("--seeds", type=int, default=3, help="--utility: classifier seeds, from --seed on (>= 3)")
+    parser.add_argument("--synthetic-ratio", type=float, default=1.0,
+                        help="--utility: synthetic slices per real slice in the real+synthetic arm")
+    parser.add_argument("--steps", type=int, default=U.ClassifierSettings.steps,
+                        help="--utility: optimizer steps of every classifier (the same budget for each arm)")
 
 
 def output_folder(run: Path, checkpoint: Path) -> RunFolder:
@@ -53,7 +73,9 @@ def evaluate_run(run: Path, data: str, names: list[str], n: int, weights: str, s
     split, its threshold calibrated on the held-out split when the data has one."""
     folder = resolve_checkpoint(run)
     generator = load_generator(folder, ema=ema)
-    fake = generate(generator, torch.randn(n, generator.nz, generator=torch.Generator().manual_seed(seed)))
+    counts = list((CheckpointManager.read_state(folder).get("classes") or {}).values())
+    labels = allocate(n, counts) if counts else None  # a conditional run's classes, as in its training data
+    fake = generate(generator, torch.randn(n, generator.nz, generator=torch.Generator().manual_seed(seed)), labels)
     size = fake.shape[-1]
     real = load_real(data, split="val", size=size)
     pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]
@@ -72,6 +94,8 @@ def evaluate_run(run: Path, data: str, names: list[str], n: int, weights: str, s
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.utility:
+        return run_utility(args)
     names = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = sorted(set(names) - set(M.available()))
     if unknown:
@@ -97,11 +121,115 @@ def run(args: argparse.Namespace) -> int:
             if floor is not None else ""
         print(f"{key:<{width}}  {value:.6g}{beside}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     print(f"wrote {out}")
-    _log_to_mlflow(run_dir, {k: v for k, v in result.items() if isinstance(v, float)}, step)
+    _log_to_mlflow(run_dir, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)}, step)
     return 0
 
 
-def _log_to_mlflow(run_dir: Path, values: dict[str, float], step: int) -> None:
+def utility_run(run: Path, data: str | None = None, *, seeds: int = 3, ratio: float = 1.0, steps: int = U.ClassifierSettings.steps,
+                seed: int = 0, ema: bool = True) -> tuple[dict[str, Any], Path]:
+    """The utility report of a conditional run on a labelled shard folder (default: the run's data.path),
+    and the checkpoint folder used.
+
+    Synthetic slices: the run's (EMA) generator, `U.synthetic_counts` per class, latents drawn with `seed`;
+    classifier seeds `seed`, `seed + 1`, ...
+    """
+    if seeds < 3:
+        raise ConfigError(f"--seeds {seeds}: the utility test reports a spread over at least 3 seeds")
+    if steps < 1 or ratio < 0:
+        raise ConfigError(f"--steps {steps} --synthetic-ratio {ratio}: need steps >= 1 and a ratio >= 0")
+    folder = resolve_checkpoint(run)
+    cfg = config_of(folder)
+    model, data = cfg.model, data or cfg.data.path
+    how = "hpcgan prepare SRC --out SHARDS --labels folder|axis|contrast|TABLE.csv"
+    if not shards.is_shard_dir(Path(data)):
+        raise ConfigError(f"{data}: not a shard folder; the utility test needs labelled shards with a val split "
+                          f"({how})")
+    train_x, train_y, classes = load_labelled(data, "train", model.resolution)
+    if not classes:
+        raise ConfigError(f"{data}: the shards carry no class labels, so no classifier can be trained on them; "
+                          f"prepare them with labels ({how})")
+    num_classes = model.num_classes
+    if num_classes == 0:
+        raise ConfigError(f"{run}: the run is not conditional, so it cannot generate slices of a class; train one "
+                          f"on {data} with --set model.conditional=true")
+    state = CheckpointManager.read_state(folder)
+    trained = list(state.get("classes") or {})
+    if trained != list(classes):
+        raise ConfigError(f"{run} generates the classes {', '.join(trained)}, {data} has {', '.join(classes)}: "
+                          "pass the labelled shards the run was trained on")
+    test_x, test_y, _ = load_labelled(data, "val", model.resolution)
+    if len(test_y) == 0:
+        raise ConfigError(f"{data}: the val split is empty, and the utility test scores on held-out real slices; "
+                          "re-run hpcgan prepare with a val split (--val-frac)")
+    generator = load_generator(folder, ema=ema)
+    counts = U.synthetic_counts(U.class_counts(train_y, num_classes), ratio)
+    labels = torch.repeat_interleave(torch.arange(num_classes), torch.tensor(counts))
+    z = torch.randn(len(labels), generator.nz, generator=torch.Generator().manual_seed(seed))
+    fake = generate(generator, z, labels, seed=seed)
+    result = U.utility_test((train_x, train_y), (test_x, test_y), (fake, labels), classes,
+                            seeds=range(seed, seed + seeds), ratio=ratio, settings=U.ClassifierSettings(steps=steps),
+                            progress=print)
+    return {"checkpoint": str(folder), "step": state["step"], "data": data, "ema": ema, "generation_seed": seed,
+            **result}, folder
+
+
+def run_utility(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    report, folder = utility_run(run_dir, args.data, seeds=args.seeds, ratio=args.synthetic_ratio, steps=args.steps,
+                                 seed=args.seed, ema=not args.no_ema)
+    out = output_folder(run_dir, folder)
+    out.utility_report.write_text(json.dumps(report, indent=1))
+    plot_utility(report, out.utility_plot)
+    print(utility_table(report))
+    print(f"wrote {out.utility_report} and {out.utility_plot}")
+    values = {f"utility/{_mlflow_name(arm)}/{name}{suffix}": spread[key]
+              for arm, by_score in report["arms"].items() for name, spread in by_score.items()
+              for suffix, key in (("", "mean"), ("_std", "std"))}
+    values |= {f"utility/generated/{_mlflow_name(c)}": s["mean"] for c, s in report["generated_class_accuracy"].items()}
+    _log_to_mlflow(run_dir, values, report["step"], artifacts=(out.utility_report, out.utility_plot),
+                   artifact_path="utility")
+    return 0
+
+
+def _mlflow_name(name: str) -> str:
+    """MLflow metric names take letters, digits and `_-. `; arms (`real+synthetic`) and class names may not."""
+    return re.sub(r"[^\w.\- ]", "_", name)
+
+
+def utility_table(report: dict[str, Any]) -> str:
+    """The arms as rows, each score as mean +- std over the seeds; then the conditional-generation check."""
+    header = f"{'arm':<16}" + "".join(f"{name:>22}" for name in U.SCORES)
+    rows = [f"{arm:<16}" + "".join(f"{s[name]['mean']:>14.3f} ± {s[name]['std']:.3f}" for name in U.SCORES)
+            for arm, s in report["arms"].items()]
+    generated = "  ".join(f"{c} {s['mean']:.3f} ± {s['std']:.3f}" for c, s in report["generated_class_accuracy"].items())
+    return "\n".join([f"downstream utility on held-out real slices ({len(report['seeds'])} seeds, {report['steps']} "
+                      "steps per classifier; mean ± std)", header, *rows,
+                      f"real classifier on generated slices, accuracy per requested class: {generated}"])
+
+
+def plot_utility(report: dict[str, Any], path: Path) -> Path:
+    """Grouped bars: one group per score, one bar per arm, the seeds' std as error bars."""
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    arms = list(report["arms"])
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        means = [report["arms"][arm][name]["mean"] for name in U.SCORES]
+        stds = [report["arms"][arm][name]["std"] for name in U.SCORES]
+        ax.bar([j + (i - (len(arms) - 1) / 2) * width for j in range(len(U.SCORES))], means, width, yerr=stds,
+               capsize=3, label=arm)
+    ax.set_xticks(range(len(U.SCORES)), [name.replace("_", " ") for name in U.SCORES])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"on held-out real slices (mean ± std, {len(report['seeds'])} seeds)")
+    ax.set_title(f"downstream utility, step {report['step']}: {len(report['classes'])} classes, "
+                 f"{report['steps']} classifier steps, synthetic ratio {report['synthetic_ratio']:g}")
+    fig.legend(loc="outside right center", fontsize="small")
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def _log_to_mlflow(run_dir: Path, values: dict[str, float], step: int, artifacts: tuple[Path, ...] = (),
+                   artifact_path: str | None = None) -> None:
     """Into the run's own MLflow run when it has one; a tracking outage only costs a warning."""
     info = RunFolder(run_dir).read_tracking()
     if info is None:
@@ -110,6 +238,8 @@ def _log_to_mlflow(run_dir: Path, values: dict[str, float], step: int) -> None:
 
     tracker = Tracker(uri=info["tracking_uri"], experiment=info["experiment"], run_name="", params={}, tags={},
                       run_id=info["run_id"])
-    tracker.log_metrics({f"eval/{k}": v for k, v in values.items()}, step)
+    tracker.log_metrics(values, step)
+    for path in artifacts:
+        tracker.log_artifact(path, artifact_path)
     if tracker.close(status="FINISHED", timeout_s=30):
         print(f"logged to MLflow run {info['run_id']} at {info['tracking_uri']}")

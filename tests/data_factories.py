@@ -131,8 +131,12 @@ def run_prepare(*argv: object) -> int:
 
 
 def make_shards(shard_dir: Path, n_train: int, n_val: int = 0, sizes: tuple[int, ...] = (16,),
-                shard_size: int = 40, seed: int = 0) -> None:
-    """A shard folder of random (hence distinct) images, written with the real shard writer."""
+                shard_size: int = 40, seed: int = 0, classes: tuple[str, ...] = ()) -> None:
+    """A shard folder of random (hence distinct) images, written with the real shard writer.
+
+    With `classes`, each sample's class is `label_of` its largest image: a reader's labels can be checked
+    against its images, flips included.
+    """
     rng = np.random.default_rng(seed)
     shard_dir.mkdir(parents=True, exist_ok=True)
     records = []
@@ -142,11 +146,19 @@ def make_shards(shard_dir: Path, n_train: int, n_val: int = 0, sizes: tuple[int,
             writer = shards.ShardWriter(shard_dir / shards.shard_name(split, number))
             for i in range(start, min(n, start + shard_size)):
                 parts = {shards.png_key(s): _png(_resized(base[i], s)) for s in sizes}
+                if classes:
+                    parts["cls"] = b"%d" % label_of(base[i], len(classes))
                 parts["json"] = b'{"i": %d}' % i
                 writer.add(f"{split}{i:06d}", parts)
             records.append(writer.close() | {"split": split})
     shards.write_manifest(shard_dir, {"format": shards.FORMAT, "sizes": list(sizes), "shards": records,
-                                      "counts": {"train": n_train, "val": n_val}})
+                                      "counts": {"train": n_train, "val": n_val},
+                                      **({"classes": list(classes)} if classes else {})})
+
+
+def label_of(image: np.ndarray, n_classes: int) -> int:
+    """The class `make_shards` gives an image: the sum of its pixels mod n_classes (a flip keeps it)."""
+    return int(image.astype(np.int64).sum()) % n_classes
 
 
 def _resized(image: np.ndarray, size: int) -> np.ndarray:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from hpcgan.cli import setup_logging
 from hpcgan.config import build_config
+from hpcgan.data import Batch
 from hpcgan.train import Trainer
 from hpcgan.train.distributed import release_distributed
 
@@ -39,10 +40,10 @@ def record_samples(trainer: Trainer, seen: list[dict[str, Any]]) -> None:
     """Append {step, rank, world, samples} to `seen` for every batch `trainer` draws."""
     draw = trainer.reader.next_batch
 
-    def next_batch() -> torch.Tensor:
+    def next_batch() -> Batch:
         batch = draw()
         seen.append({"step": trainer.state.step, "rank": trainer.rank, "world": trainer.world,
-                     "samples": sample_ids(batch)})
+                     "samples": sample_ids(batch.images)})
         return batch
 
     trainer.reader.next_batch = next_batch

@@ -55,7 +55,7 @@ def test_fp32_fast_path_is_as_accurate_as_the_plain_path(image_folder, tmp_path)
     """
     plain, fast = (fp32_trainer(image_folder, tmp_path / name, *switches)
                    for name, switches in (("plain", PLAIN), ("fast", FAST)))
-    z, real = torch.randn(8, 100), plain.reader.next_batch()
+    z, real = torch.randn(8, 100), plain.reader.next_batch().images
     exact = step_gradients(copy.deepcopy(plain.generator).double(), copy.deepcopy(plain.discriminator).double(),
                            z.double(), real.double(), channels_last=False)
 

@@ -56,7 +56,7 @@ def test_each_epoch_serves_every_image_once(shard_dir: Path, reader: str) -> Non
     assert (src.num_images, src.batches_per_epoch, src.image_shape) == (96, 6, (1, 16, 16))
     epochs = []
     for _ in range(2):
-        batches = [src.next_batch() for _ in range(src.batches_per_epoch)]
+        batches = [src.next_batch().images for _ in range(src.batches_per_epoch)]
         assert all(b.shape == (16, 1, 16, 16) and b.dtype == torch.float32 for b in batches)
         epochs.append(as_uint8(torch.cat(batches)))
         assert image_counts(epochs[-1]) == full
@@ -69,11 +69,11 @@ def test_webdataset_order_depends_on_seed_and_epoch_only(shard_dir: Path) -> Non
         inline = source(shard_dir, "webdataset", rank=rank, world=world, workers=0)
         workers = source(shard_dir, "webdataset", rank=rank, world=world, workers=2)
         for _ in range(14):  # over two epochs
-            assert torch.equal(inline.next_batch(), workers.next_batch())
+            assert torch.equal(inline.next_batch().images, workers.next_batch().images)
     flipped, plain = source(shard_dir, "webdataset"), source(shard_dir, "webdataset", flip=False)
     mirrored = 0
     for _ in range(6):
-        a, b = flipped.next_batch(), plain.next_batch()
+        a, b = flipped.next_batch().images, plain.next_batch().images
         same, mirror = (a == b).flatten(1).all(1), (a == b.flip(-1)).flatten(1).all(1)
         assert (same | mirror).all()
         mirrored += int((mirror & ~same).sum())
@@ -115,11 +115,11 @@ def test_resume_is_exact(tmp_path: Path, reader: str, stop: int) -> None:
     for _ in range(stop):
         first.next_batch()
     state = json.loads(json.dumps(first.state_dict()))
-    expected = [first.next_batch() for _ in range(8)]
+    expected = [first.next_batch().images for _ in range(8)]
     resumed = source(tmp_path, reader, workers=1)
     resumed.load_state_dict(state)
     for want in expected:
-        assert torch.equal(resumed.next_batch(), want)
+        assert torch.equal(resumed.next_batch().images, want)
 
 
 @pytest.mark.parametrize("stop", [3, 6, 8])
@@ -131,16 +131,16 @@ def test_dali_resumes_from_another_ranks_state(tmp_path: Path, stop: int) -> Non
         for src in ranks:
             src.next_batch()
     state = json.loads(json.dumps(ranks[0].state_dict()))
-    expected = [ranks[1].next_batch() for _ in range(5)]
+    expected = [ranks[1].next_batch().images for _ in range(5)]
     resumed = source(tmp_path, "dali", rank=1, world=2, workers=1)
     resumed.load_state_dict(state)
     for want in expected:
-        assert torch.equal(resumed.next_batch(), want)
+        assert torch.equal(resumed.next_batch().images, want)
 
 
 @pytest.mark.parametrize("reader", READERS)
 def test_ranks_split_each_global_batch(shard_dir: Path, reader: str) -> None:
-    seen = [as_uint8(torch.cat([source(shard_dir, reader, rank=r, world=2, flip=False).next_batch()
+    seen = [as_uint8(torch.cat([source(shard_dir, reader, rank=r, world=2, flip=False).next_batch().images
                                 for _ in range(1)])) for r in range(2)]
     assert seen[0].shape == (8, 1, 16, 16) and not set(image_counts(seen[0])) & set(image_counts(seen[1]))
 
@@ -150,7 +150,7 @@ def _one_epoch(args: tuple[str, str, int]) -> list[bytes]:
     path, reader, rank = args
     src = build_reader(DataConfig(path=path, reader=reader, flip=False, workers=0), seed=3, global_batch=16,
                        rank=rank, world=2, device=CPU)
-    return [as_uint8(src.next_batch()).numpy().tobytes() for _ in range(src.batches_per_epoch)]
+    return [as_uint8(src.next_batch().images).numpy().tobytes() for _ in range(src.batches_per_epoch)]
 
 
 @pytest.mark.slow
@@ -167,7 +167,7 @@ def test_two_processes_share_an_epoch(shard_dir: Path, reader: str) -> None:
     if reader != "dali":  # memory/webdataset: rank r holds slice r of the single-process global batch
         single = source(shard_dir, reader, flip=False)
         for step in range(6):
-            whole = as_uint8(single.next_batch()).numpy()
+            whole = as_uint8(single.next_batch().images).numpy()
             assert np.array_equal(whole[:8].tobytes(), per_rank[0][step])
             assert np.array_equal(whole[8:].tobytes(), per_rank[1][step])
 
@@ -283,6 +283,8 @@ def test_quickstart_shards_from_nilearn(tmp_path: Path) -> None:
     manifest = shards.read_manifest(out)
     assert manifest["counts"]["train"] > 500 and manifest["counts"]["val"] > 80
     assert {s["kind"] for s in manifest["sources"]} == {"nifti"} and (out / "NOTICE").is_file()
+    assert manifest["classes"] == ["axial", "coronal", "sagittal"] and manifest["label_source"] == "axis"
+    assert all(set(manifest["class_counts"][split]) == set(manifest["classes"]) for split in ("train", "val"))
     start = time.perf_counter()
     assert quickstart_shards(tmp_path / "qs") == out
     assert time.perf_counter() - start < 1.0
@@ -298,5 +300,6 @@ def test_16_bit_shards_read_the_same_with_every_reader(tmp_path: Path) -> None:
     epochs = {}
     for reader in READERS:
         src = source(tmp_path / "out", reader, batch=batch, flip=False)
-        epochs[reader] = image_counts(as_uint8(torch.cat([src.next_batch() for _ in range(src.batches_per_epoch)])))
+        batches = [src.next_batch().images for _ in range(src.batches_per_epoch)]
+        epochs[reader] = image_counts(as_uint8(torch.cat(batches)))
     assert epochs["memory"] == epochs["webdataset"] == epochs["dali"]

@@ -56,6 +56,6 @@ def test_copied_training_slices_are_left_out(trained, image_folder, tmp_path, mo
     from hpcgan.data.pixels import to_unit
 
     real = to_unit(load_real(image_folder))
-    monkeypatch.setattr(export, "_draw", lambda generator, n, seed, batch: real[:n])
+    monkeypatch.setattr(export, "_draw", lambda generator, n, seed, batch, labels: real[:n])
     card = export.export(trained, tmp_path / "copies", n=4, fmt="png", seed=0)
     assert card["count"] == 0 and card["memorization"]["left_out"] == 4 * export.MAX_ROUNDS

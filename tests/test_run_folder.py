@@ -142,7 +142,7 @@ def test_kept_folder_layout_is_spelled_by_the_owner_only():
     import hpcgan
 
     package = os.path.dirname(hpcgan.__file__)
-    names = ["config.yaml", "metrics.jsonl", "tracking.json", "manifest.json"]
+    names = ["config.yaml", "metrics.jsonl", "tracking.json", "manifest.json", "utility.json", "utility.png"]
     hits = {name: [] for name in names}
     for root, _, files in os.walk(package):
         for file in files:

@@ -66,11 +66,11 @@ def move(readers: list, world: int, path: Path, reader: str, flip: bool = True) 
 @pytest.mark.parametrize("worlds", [(2, 1), (1, 4), (4, 2)])
 def test_global_order_continues_on_another_world_size(shard_dir: Path, reader: str, worlds: tuple[int, int]) -> None:
     single = source(shard_dir, reader, rank=0, world=1)
-    expected = [single.next_batch() for _ in range(9)]  # into the second epoch
+    expected = [single.next_batch().images for _ in range(9)]  # into the second epoch
     readers = [source(shard_dir, reader, rank=r, world=worlds[0]) for r in range(worlds[0])]
-    got = [torch.cat([src.next_batch() for src in readers]) for _ in range(4)]
+    got = [torch.cat([src.next_batch().images for src in readers]) for _ in range(4)]
     readers = move(readers, worlds[1], shard_dir, reader)
-    got += [torch.cat([src.next_batch() for src in readers]) for _ in range(5)]
+    got += [torch.cat([src.next_batch().images for src in readers]) for _ in range(5)]
     for step, (a, b) in enumerate(zip(got, expected)):
         assert torch.equal(a, b), f"global batch {step} differs"
 
@@ -85,7 +85,7 @@ def test_dali_keeps_the_epoch_then_serves_every_image_once(shard_dir: Path) -> N
         for _ in range(4):  # the rest of epoch 0, cut for 4 processes
             src.next_batch()
         assert global_position(src.state_dict()) == {"epoch": 0, "batch": 6}
-    epoch = torch.cat([src.next_batch() for src in readers for _ in range(6)])
+    epoch = torch.cat([src.next_batch().images for src in readers for _ in range(6)])
     full = load_split(shard_dir, "train").float().div(127.5).sub(1)
     assert image_counts(epoch) == image_counts(full)
 

@@ -1,7 +1,8 @@
 """Data in: one `Reader` interface, readers chosen by `data.reader`.
 
 `data.path` is an image folder or a uint8 tensor file (memory reader only), or a shard folder written by
-`hpcgan prepare` (a folder with manifest.json), which any reader can serve.
+`hpcgan prepare` (a folder with manifest.json), which any reader can serve. Readers return each image
+with its class: from a labelled shard folder, or from the subfolders of an image folder (ImageFolder).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import torch
 
 from hpcgan.config import DataConfig
 from hpcgan.data import shards
-from hpcgan.data.images import load_images
+from hpcgan.data.images import folder_labels, load_images
 from hpcgan.data.memory import MemoryReader
-from hpcgan.data.reader import Reader, DataError
+from hpcgan.data.reader import Batch, Reader, DataError
 
-__all__ = ["Reader", "DataError", "build_reader", "choose_reader", "dali_available", "load_images", "load_split"]
+__all__ = ["Batch", "Reader", "DataError", "build_reader", "choose_reader", "dali_available", "load_images",
+           "load_labelled", "load_split"]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,16 @@ def load_split(shard_dir: str | Path, split: str = "val", size: int | None = Non
 
     `size` picks the resolution when the shards hold several (default: the first in the manifest).
     """
-    images = shards.decode_split(shards.open_split(Path(shard_dir), split, size), workers)
-    return torch.from_numpy(images).unsqueeze(1)
+    return load_labelled(shard_dir, split, size, workers)[0]
+
+
+def load_labelled(shard_dir: str | Path, split: str = "val", size: int | None = None,
+                  workers: int = 2) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """`load_split` with each image's class: (uint8 (N, 1, H, W), int64 (N,) labels, class names); labels
+    are all 0 and the names () when the shards have no classes."""
+    opened = shards.open_split(Path(shard_dir), split, size)
+    images = torch.from_numpy(shards.decode_split(opened, workers)).unsqueeze(1)
+    return images, torch.from_numpy(opened.labels), opened.classes
 
 
 def load_real(path: str | Path, split: str = "val", size: int | None = None) -> torch.Tensor:
@@ -84,7 +94,8 @@ def build_reader(cfg: DataConfig, *, seed: int, global_batch: int, rank: int, wo
                  split.size, reader)
         if reader == "memory":
             images = torch.from_numpy(shards.decode_split(split, cfg.workers)).unsqueeze(1)
-            return MemoryReader(images, device_resident=cfg.device_resident, **common)
+            return MemoryReader(images, device_resident=cfg.device_resident, labels=torch.from_numpy(split.labels),
+                                classes=split.classes, **common)
         if reader == "webdataset":
             from hpcgan.data.webdataset_reader import WebDatasetReader
 
@@ -102,4 +113,5 @@ def build_reader(cfg: DataConfig, *, seed: int, global_batch: int, rank: int, wo
         raise DataError(f"{path}: images are {images.shape[-1]}x{images.shape[-2]}, the model needs "
                         f"{resolution}x{resolution}: set model.resolution={images.shape[-1]} or run "
                         f"hpcgan prepare {path} --out SHARD_DIR --size {resolution}")
-    return MemoryReader(images, device_resident=cfg.device_resident, **common)
+    labels, classes = folder_labels(path)
+    return MemoryReader(images, device_resident=cfg.device_resident, labels=labels, classes=classes, **common)

@@ -1,5 +1,7 @@
 """NVIDIA DALI reader: `fn.readers.webdataset` on the shards, decode on the GPU ("mixed") when training
-on one and on the CPU otherwise, random flip and [-1, 1] normalisation inside the pipeline.
+on one and on the CPU otherwise, random flip and [-1, 1] normalisation inside the pipeline. In a
+labelled shard folder the reader also returns each sample's `cls` member (decimal text, parsed on the
+host); unlabelled folders (older shards) are read without it.
 
 One pipeline per rank and epoch (`shard_id=rank`, `num_shards=world`). Each epoch lists the shard files
 in a seeded order, the same on every rank, and rank r streams the samples [N*r//world, N*(r+1)//world)
@@ -25,10 +27,11 @@ import base64
 import hashlib
 from typing import Any
 
+import numpy as np
 import torch
 
-from hpcgan.data.shards import Split, png_key
-from hpcgan.data.reader import DataError, batches_per_epoch, epoch_generator, rank_slice
+from hpcgan.data.shards import Split, class_index, png_key
+from hpcgan.data.reader import Batch, DataError, batches_per_epoch, epoch_generator, rank_slice
 
 
 def _first_line(err: BaseException) -> str:
@@ -47,6 +50,7 @@ class DaliReader:
         self.batches_per_epoch = batches_per_epoch(self.num_images, global_batch,
                                                    f"{split.shard_dir}: the {split.name} split")
         self.image_shape = (1, split.size, split.size)
+        self.classes = split.classes
         self.device = torch.device(device)
         share = rank_slice(global_batch, rank, world)
         self.seed, self.rank, self.world, self.flip = seed, rank, world, flip
@@ -68,16 +72,17 @@ class DaliReader:
         @pipeline_def(batch_size=self._per_rank, num_threads=self._threads, device_id=device_id, seed=seed,
                       enable_checkpointing=True)
         def pipeline() -> Any:
-            png = fn.readers.webdataset(
+            members = fn.readers.webdataset(
                 paths=[str(self.split.tars[i]) for i in order],
                 index_paths=[str(self.split.indexes[i]) for i in order],
-                ext=[png_key(self.split.size)], missing_component_behavior="error",
-                shard_id=self.rank, num_shards=self.world, random_shuffle=True, initial_fill=self._buffer,
-                name="reader")
+                ext=[png_key(self.split.size)] + (["cls"] if self.classes else []),
+                missing_component_behavior="error", shard_id=self.rank, num_shards=self.world,
+                random_shuffle=True, initial_fill=self._buffer, name="reader")
+            png, *cls = members if self.classes else (members,)  # one extension: one node, not a list
             images = fn.decoders.image(png, device="mixed" if gpu else "cpu", output_type=types.GRAY)
             mirror = fn.random.coin_flip(probability=0.5) if self.flip else 0
             return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                            mean=[127.5], std=[127.5], mirror=mirror)
+                                            mean=[127.5], std=[127.5], mirror=mirror), *cls
 
         try:
             pipe = pipeline(checkpoint=checkpoint) if checkpoint is not None else pipeline()
@@ -87,15 +92,23 @@ class DaliReader:
                             f"({_first_line(err)}); re-run hpcgan prepare") from None
         return pipe
 
-    def _run(self) -> Any:
+    def _run(self) -> tuple[Any, ...]:
+        """The pipeline's next outputs: the images, and with classes their `cls` members."""
         try:
-            (out,) = self._pipe.run()
+            return self._pipe.run()
         except RuntimeError as err:
             raise DataError(f"{self.split.shard_dir}: DALI failed reading the {self.split.name} shards "
                             f"({_first_line(err)}); re-run hpcgan prepare") from None
-        return out
 
-    def next_batch(self) -> torch.Tensor:
+    def _labels(self, outputs: tuple[Any, ...]) -> torch.Tensor:
+        if not self.classes:
+            return torch.zeros(self._per_rank, dtype=torch.int64)
+        members = outputs[1]
+        where = f"{self.split.shard_dir}: a {self.split.name} shard"
+        return torch.tensor([class_index(np.asarray(members[i]).tobytes(), len(self.classes), where)
+                             for i in range(len(members))], dtype=torch.int64)
+
+    def next_batch(self) -> Batch:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         if self.batch == self.batches_per_epoch:
@@ -105,12 +118,14 @@ class DaliReader:
             self._pipe = self._build(None)
             for _ in range(self.batch):
                 self._run()
-        tensor = self._run().as_tensor()
+        outputs = self._run()
+        tensor = outputs[0].as_tensor()
         x = torch.empty(tensor.shape(), dtype=torch.float32,
                         device=self.device if self.device.type == "cuda" else "cpu")
         feed_ndarray(tensor, x, cuda_stream=torch.cuda.current_stream(x.device) if x.is_cuda else None)
         self.batch += 1
-        return x.to(self.device, non_blocking=True)
+        labels = self._labels(outputs).to(self.device, non_blocking=True)
+        return Batch(x.to(self.device, non_blocking=True), labels)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"epoch": self.epoch, "batch": self.batch}

@@ -16,9 +16,13 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
 def load_image_folder(folder: Path) -> torch.Tensor:
     """Every image under `folder` (recursive, sorted, converted to grayscale), all of one size."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = _files(folder)
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if others:
@@ -52,6 +56,21 @@ def load_tensor_file(path: Path) -> torch.Tensor:
     if data.shape[0] == 0:
         raise DataError(f"{path}: the tensor holds no images")
     return data.unsqueeze(1) if data.dim() == 3 else data
+
+
+def folder_labels(path: str | Path) -> tuple[torch.Tensor | None, tuple[str, ...]]:
+    """Labels of `load_images(path)` by the ImageFolder convention (the first folder level under `path`
+    is the class, names sorted): (int64 (N,), classes) when every image lies in a subfolder, else
+    (None, ()), as for a tensor file."""
+    path = Path(path)
+    if not path.is_dir():
+        return None, ()
+    parts = [p.relative_to(path).parts for p in _files(path) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not parts or any(len(x) < 2 for x in parts):
+        return None, ()
+    classes = tuple(sorted({x[0] for x in parts}))
+    index = {name: i for i, name in enumerate(classes)}
+    return torch.tensor([index[x[0]] for x in parts], dtype=torch.int64), classes
 
 
 def load_images(path: str | Path) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Kinds: 2D images (PNG/JPG/TIFF/BMP), NIfTI volumes (.nii, .nii.gz; 3D or 4D) and DICOM series (grouped
 by series UID). A subject is what the train/val split keeps together: the DICOM patient, a BIDS
 `sub-XX` part of the path, or a `--subject-regex` match on the file name; without one, each volume (or
-2D image) is its own subject. A label is the name of the folder holding an image or NIfTI file. A
+2D image) is its own subject. A label is the name of the folder holding an image or NIfTI file, kept
+for reference; the classes readers return are set from `prepare --labels` (hpcgan/data/labels.py). A
 contrast (T1w, FLAIR, GM, ...) is read from a word of an image or NIfTI file name, so that a split whose
 val holds other contrasts than its train can be told apart from one that generalises.
 """
@@ -52,6 +53,9 @@ class Volume:
     subject_key: str  # what the split keeps together; in memory only (may hold a DICOM patient ID)
     has_subject: bool  # False: the subject is the volume itself
     contrast: str = ""  # T1w, FLAIR, GM, ...; "" when the file name does not say
+    root: Path = Path()  # the SRC it was found under: class folders and label tables are relative to it
+    subject_name: str = ""  # the subject as the data names it (sub-01, a regex match, a PatientID); in memory only
+    cls: str = ""  # its class under `prepare --labels` (folder, contrast or table); "" otherwise
 
     @property
     def volume_id(self) -> str:
@@ -133,12 +137,14 @@ def contrast(name: str) -> str:
     return next((_CONTRASTS[w] for w in reversed(words) if w in _CONTRASTS), "")
 
 
-def _subject(root: int, rel: Path, regex: re.Pattern[str] | None) -> str | None:
+def _subject(root: int, rel: Path, regex: re.Pattern[str] | None) -> tuple[str, str] | None:
+    """(key, name) of the subject a path states: the key is scoped to its SRC, the name as written."""
     for part in rel.parts:
         if m := _BIDS_SUBJECT.match(part):
-            return f"{root}/{m.group(1)}"
+            return f"{root}/{m.group(1)}", m.group(1)
     if regex is not None and (m := regex.search(rel.name)):
-        return f"{root}/re:{m.group(1) if m.groups() else m.group(0)}"
+        name = m.group(1) if m.groups() else m.group(0)
+        return f"{root}/re:{name}", name
     return None
 
 
@@ -209,8 +215,9 @@ def discover(sources: list[Path], *, subject_regex: re.Pattern[str] | None = Non
             continue
         subject = _subject(root, rel, subject_regex)
         display = str(sources[root] / rel) if sources[root].is_dir() else str(sources[root])
-        volumes.append(Volume(kind, (file,), digest, display, _label(rel), subject or f"file/{digest}",
-                              subject is not None, contrast(rel.name)))
+        key, name = subject or (f"file/{digest}", "")
+        volumes.append(Volume(kind, (file,), digest, display, _label(rel), key, subject is not None,
+                              contrast(rel.name), sources[root], name))
     for members in series.values():
         members.sort(key=lambda m: m[1])
         digest = hashlib.sha256("".join(m[1] for m in members).encode()).hexdigest()
@@ -218,7 +225,8 @@ def discover(sources: list[Path], *, subject_regex: re.Pattern[str] | None = Non
         volume_id = f"{_PREFIX['dicom']}-{digest[:12]}"
         volumes.append(Volume("dicom", tuple(m[0] for m in members), digest,
                               f"DICOM series {volume_id} ({len(members)} files in {sources[root]})", "",
-                              f"dicom-patient/{patient}" if patient else f"file/{digest}", bool(patient)))
+                              f"dicom-patient/{patient}" if patient else f"file/{digest}", bool(patient),
+                              root=sources[root], subject_name=patient or ""))
     volumes.sort(key=lambda v: (v.kind, v.sha256))
     return Discovery(volumes, problems, ignored, duplicates)
 

@@ -1,4 +1,4 @@
-"""The in-memory reader: the whole uint8 set lives on the training device; no worker processes.
+"""The in-memory reader: the whole uint8 set (and its labels) lives on the training device; no worker processes.
 
 Shuffling, flips and the uint8 -> [-1, 1] conversion run on the device, so the host does nothing per
 step. Order and flips of an epoch come from `epoch_generator(seed, epoch)`, and rank r takes slice r of
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from hpcgan.data.pixels import to_unit
-from hpcgan.data.reader import DataError, batches_per_epoch, epoch_generator, rank_slice
+from hpcgan.data.reader import Batch, DataError, batches_per_epoch, epoch_generator, rank_slice
 
 
 def epoch_plan(seed: int, epoch: int, num_images: int, global_batch: int, my_slice: slice,
@@ -40,14 +40,22 @@ class MemoryReader:
 
     def __init__(self, images: torch.Tensor, *, seed: int, global_batch: int, rank: int = 0,
                  world: int = 1, device: torch.device | str = "cpu", flip: bool = True,
-                 device_resident: bool = True) -> None:
+                 device_resident: bool = True, labels: torch.Tensor | None = None,
+                 classes: tuple[str, ...] = ()) -> None:
+        """`labels`: int64 (N,) class indices into `classes`; None: every image is class 0."""
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise DataError(f"memory reader expects uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if labels is not None and (labels.dtype != torch.int64 or tuple(labels.shape) != images.shape[:1]):
+            raise DataError(f"memory reader expects int64 labels of shape ({images.shape[0]},), got "
+                            f"{labels.dtype} {tuple(labels.shape)}")
         self.num_images = images.shape[0]
+        self.classes = classes
         self.batches_per_epoch = batches_per_epoch(self.num_images, global_batch, "the training set")
         self.image_shape = tuple(images.shape[1:])
         self.device = torch.device(device)
         self.images = images.to(self.device) if device_resident else images
+        self.labels = (torch.zeros(self.num_images, dtype=torch.int64) if labels is None else labels) \
+            .to(self.images.device)
         # A batch gathered on the host is fresh pageable memory whatever the set's own: it is pinned
         # itself, so that its non-blocking copy overlaps the GPU's work.
         self._pin_batches = not device_resident and self.device.type == "cuda"
@@ -62,17 +70,18 @@ class MemoryReader:
         self._indices = self._indices.to(self.images.device)
         self._flips = None if self._flips is None else self._flips.to(self.device)
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> Batch:
         if self.batch == self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
             self._plan()
-        x = self.images[self._indices[self.batch]]
+        rows = self._indices[self.batch]
+        x, y = self.images[rows], self.labels[rows]
         if self._pin_batches:
-            x = x.pin_memory()
+            x, y = x.pin_memory(), y.pin_memory()
         flips = None if self._flips is None else self._flips[self.batch]
         x = to_unit_range(x.to(self.device, non_blocking=True), flips)
         self.batch += 1
-        return x
+        return Batch(x, y.to(self.device, non_blocking=True))
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch": self.batch}

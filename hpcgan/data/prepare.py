@@ -9,6 +9,9 @@ the input contents and every setting):
    each split's samples are put in a seeded order and cut into shards, each written to a .part file,
    renamed, and recorded in shards.json. Recorded shards are skipped on resume.
 3. manifest.json is written last; a re-run whose fingerprint matches it is a no-op.
+
+With `--labels` every sample also holds its class index as a `cls` member (classes sorted by name,
+listed in the manifest), and the subject split is stratified by class.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from tqdm import tqdm
 
 from hpcgan.data import dicom, inputs, shards
 from hpcgan.data.inputs import Problem, Volume
+from hpcgan.data.labels import LabelError, check_source, classify
 from hpcgan.data.preprocess import AXES, CROPS, Settings, Slice, image_slices, volume_slices
 from hpcgan.data.reader import DataError
 from hpcgan.data.split import assign_splits, slab_role, val_slabs
@@ -57,6 +61,7 @@ class Options:
     split: str = "subject"  # subject | slab
     slab_gap: int = 4  # slices on each side of a val slab that go to neither split
     slabs: int = 3  # val slabs per volume axis
+    labels: str | None = None  # folder | axis | contrast | a .csv table; None: no classes
 
     def __post_init__(self) -> None:
         """One-line errors named after the `prepare` option to fix."""
@@ -70,6 +75,8 @@ class Options:
                 raise ValueError(f"{option} {value}: must be at least 1")
         if self.slab_gap < 0:
             raise ValueError(f"--slab-gap {self.slab_gap}: must be 0 or more slices")
+        if self.labels is not None:
+            check_source(self.labels)
 
 
 @dataclass
@@ -87,6 +94,7 @@ class _Task:
     subjects: tuple[str, ...]  # per volume: the subject id written to samples
     settings: Settings
     unit_dir: Path
+    axis_labels: bool  # each slice's class is its axis (else its volume's class, if any)
 
 
 # ---------------------------------------------------------------------------------------------- phase 1
@@ -154,6 +162,8 @@ def _process_unit(task: _Task) -> int:
                     "contrast": volume.contrast}
             if modality:
                 meta["modality"] = modality
+            if cls := piece.axis if task.axis_labels else volume.cls:
+                meta["class"] = cls
             pngs = {}
             for size, png in piece.pngs.items():
                 pngs[str(size)] = [len(blob), len(png)]
@@ -211,7 +221,7 @@ class _UnitReader:
 
 
 def _write_shards(samples: list[tuple[int, dict[str, Any]]], out: Path, work: Path, sizes: tuple[int, ...],
-                  options: Options) -> list[dict[str, Any]]:
+                  classes: list[str], options: Options) -> list[dict[str, Any]]:
     progress_file = work / "shards.json"
     done = {r["name"]: r for r in json.loads(progress_file.read_text())} if progress_file.is_file() else {}
     plan: list[tuple[str, list[tuple[int, dict[str, Any]]]]] = []
@@ -226,6 +236,7 @@ def _write_shards(samples: list[tuple[int, dict[str, Any]]], out: Path, work: Pa
     bar = tqdm(plan, desc="write shards", unit="shard", disable=None if options.progress else True,
                file=sys.stderr)
     numbers = Counter[str]()
+    index = {name: str(i).encode() for i, name in enumerate(classes)}
     try:
         for split, members in bar:
             name = shards.shard_name(split, numbers[split])
@@ -239,6 +250,8 @@ def _write_shards(samples: list[tuple[int, dict[str, Any]]], out: Path, work: Pa
             writer = shards.ShardWriter(tar)
             for unit, sample in members:
                 parts = {shards.png_key(size): reader.read(unit, *sample["pngs"][str(size)]) for size in sizes}
+                if classes:
+                    parts["cls"] = index[sample["meta"]["class"]]
                 parts["json"] = json.dumps(sample["meta"], sort_keys=True).encode()
                 writer.add(sample["key"], parts)
             record = writer.close() | {"split": split}
@@ -262,6 +275,8 @@ def _fingerprint(volumes: list[Volume], settings: Settings, options: Options) ->
         "volumes": [[v.kind, v.sha256, v.label, v.contrast, hashlib.sha256(v.subject_key.encode()).hexdigest()]
                     for v in volumes],
     }
+    if options.labels is not None:  # only then, so that unlabelled shard folders stay up to date
+        spec["labels"] = [options.labels, [v.cls for v in volumes]]
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -289,12 +304,13 @@ def _subject_ids(volumes: list[Volume]) -> dict[str, str]:
             for key, ids in members.items()}
 
 
-def _tasks(volumes: list[Volume], subject_ids: dict[str, str], settings: Settings, unit_dir: Path) -> list[_Task]:
+def _tasks(volumes: list[Volume], subject_ids: dict[str, str], settings: Settings, unit_dir: Path,
+           axis_labels: bool) -> list[_Task]:
     groups: list[list[Volume]] = []
     images = [v for v in volumes if v.kind == "image"]
     groups += [images[i:i + _IMAGES_PER_UNIT] for i in range(0, len(images), _IMAGES_PER_UNIT)]
     groups += [[v] for v in volumes if v.kind != "image"]
-    return [_Task(n, tuple(g), tuple(subject_ids[v.subject_key] for v in g), settings, unit_dir)
+    return [_Task(n, tuple(g), tuple(subject_ids[v.subject_key] for v in g), settings, unit_dir, axis_labels)
             for n, g in enumerate(groups)]
 
 
@@ -305,15 +321,21 @@ def _split_samples(samples: list[dict[str, Any]], sources: list[dict[str, Any]],
 
     Slab split: slices of one axis of one voxel grid (volumes with as many slices along it: the frames
     of a 4D file, co-registered maps) share their val slabs, placed over the extent of their kept
-    slices. What has no neighbouring slices (2D images, one-slice series) is split by subject.
+    slices. What has no neighbouring slices (2D images, one-slice series) is split by subject, stratified
+    by each subject's majority class (the slab split holds out slices of every volume, hence of every
+    class, by itself).
     """
     slab = options.split == "slab"
     by_slab = [s for s in samples if slab and s["length"] > 1]
     flat = [s for s in samples if not (slab and s["length"] > 1)]
     flat_sources = {s["meta"]["source_sha256"] for s in flat}
     by_subject = [v for v in volumes if not slab or v.kind == "image" or v.sha256 in flat_sources]
-    assigned = assign_splits({v.subject_key for v in by_subject}, options.val_frac, options.seed)
     keys = {subject_ids[v.subject_key]: v.subject_key for v in volumes}
+    votes = Counter((keys[s["meta"]["subject"]], s["meta"]["class"]) for s in flat if "class" in s["meta"])
+    strata: dict[str, str] = {}
+    for (subject, cls), _ in sorted(votes.items(), key=lambda item: (-item[1], item[0])):
+        strata.setdefault(subject, cls)
+    assigned = assign_splits({v.subject_key for v in by_subject}, options.val_frac, options.seed, strata)
     for sample in flat:
         sample["split"] = assigned[keys[sample["meta"]["subject"]]]
     no_subject = any(v.kind == "image" and not v.has_subject for v in volumes)
@@ -382,6 +404,8 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
         echo(f"error: --split slab: all {len(volumes)} inputs are 2D images, which have no neighbouring slices "
              "to keep apart; use --split subject (the default)")
         return Report(2, problems=problems)
+    if options.labels is not None:
+        volumes = classify(volumes, options.labels)
     hashes.save()
 
     fingerprint = _fingerprint(volumes, settings, options)
@@ -413,7 +437,7 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
         echo(f"note: --split slab: the {kinds['image']} 2D images have no neighbouring slices; they are split "
              "by subject")
     subject_ids = _subject_ids(volumes)
-    tasks = _tasks(volumes, subject_ids, settings, work / "units")
+    tasks = _tasks(volumes, subject_ids, settings, work / "units", options.labels == "axis")
     _run_units(tasks, options.workers, options.progress)
 
     samples: list[tuple[int, dict[str, Any]]] = []
@@ -440,12 +464,19 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
         echo("error: no usable training slices (all inputs failed or held too little foreground)")
         return Report(1, counts=dict(counts), problems=problems)
 
-    records = _write_shards(samples, out, work, settings.sizes, options)
+    per_split = {name: [s["meta"] for _, s in samples if s["split"] == name] for name in shards.SPLITS}
+    class_counts = {name: dict(sorted(Counter(m["class"] for m in metas if "class" in m).items()))
+                    for name, metas in per_split.items()}
+    classes = sorted({c for counted in class_counts.values() for c in counted})
+    for name in shards.SPLITS if counts["val"] else ():
+        if absent := [c for c in classes if c not in class_counts[name]]:
+            echo(f"note: no {name} slices of class {', '.join(absent)}: too few of their subjects (or slices) "
+                 "to put some in both splits")
+    records = _write_shards(samples, out, work, settings.sizes, classes, options)
     keep = {r["name"] for r in records} | {r["index"] for r in records}
     for path in _shard_files(out):
         if path.name not in keep:
             path.unlink()
-    per_split = {name: [s["meta"] for _, s in samples if s["split"] == name] for name in shards.SPLITS}
     manifest = {
         "format": shards.FORMAT,
         "fingerprint": fingerprint,
@@ -460,6 +491,9 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
         "contrasts": {name: dict(sorted(Counter(m["contrast"] for m in metas).items()))
                       for name, metas in per_split.items()},
         "kinds": {name: dict(sorted(Counter(m["kind"] for m in metas).items())) for name, metas in per_split.items()},
+        "classes": classes,
+        "label_source": options.labels,
+        "class_counts": class_counts,
         "skipped_slices": skipped,
         "duplicate_slices": duplicates,
         "gap_slices": counts["gap"],
@@ -474,7 +508,8 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
          f"val {counts['val']} images ({manifest['subjects']['val']} subjects) in {len(records)} shards; "
          + (f"{counts['gap']} slices left out in the gaps around val slabs, " if options.split == "slab" else "")
          + f"{skipped} slices skipped (too little foreground), {duplicates} identical slices of one volume "
-         f"stored once; {len(problems)} bad inputs")
+         f"stored once; {len(problems)} bad inputs"
+         + (f"; classes (--labels {options.labels}): {', '.join(classes)}" if classes else ""))
     return Report(0, counts=dict(counts), problems=problems)
 
 
@@ -548,6 +583,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a volume), per slice, or not at all (default volume)")
     parser.add_argument("--bit-depth", type=int, choices=(8, 16), default=d.bit_depth, help="PNG bit depth")
     parser.add_argument("--strict", action="store_true", help="fail (exit 1, no shards) on any bad input")
+    parser.add_argument("--labels", default=None, metavar="SOURCE",
+                        help="a class per slice, stored with it: folder (SRC/<class>/...), axis (axial, coronal, "
+                             "sagittal), contrast (from the file name), or a .csv table with the columns class "
+                             "and path (a file) or subject (default: no classes)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -557,10 +596,14 @@ def run(args: argparse.Namespace) -> int:
                             crop=args.crop, bit_depth=args.bit_depth)
         options = Options(val_frac=args.val_frac, seed=args.seed, shard_size=args.shard_size,
                           subject_regex=args.subject_regex, workers=args.workers, strict=args.strict,
-                          split=args.split, slab_gap=args.slab_gap, slabs=args.slabs)
+                          split=args.split, slab_gap=args.slab_gap, slabs=args.slabs, labels=args.labels)
         if args.subject_regex:
             re.compile(args.subject_regex)
     except (ValueError, re.error) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return prepare(args.sources, args.out, settings, options).exit_code
+    try:
+        return prepare(args.sources, args.out, settings, options).exit_code
+    except LabelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

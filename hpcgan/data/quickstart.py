@@ -4,8 +4,9 @@ nilearn bundles the ICBM 2009a nonlinear symmetric MNI152 template (T1, 1 mm, 19
 grey- and white-matter probability maps: one brain in three contrasts, about 1,070 distinct slices along
 the three axes. A split by volume would validate on a contrast training never saw, so the quickstart
 uses the slab split: every map gives slabs of slices to val, the same slabs for all three (one voxel
-grid), and each sample records its contrast (T1w, GM, WM). See docs/data.md for the choice, origin
-and licence.
+grid), and each sample records its contrast (T1w, GM, WM). Its classes are the slicing axes (axial,
+coronal, sagittal): every volume gives all three, so a conditional model and the utility test have a
+task with the same classes in train and val. See docs/data.md for the choice, origin and licence.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def quickstart_shards(out_dir: Path, size: int = 64) -> Path:
     """Prepare the quickstart shards in `out_dir` (a fast no-op when they are already there); return it."""
     out_dir = Path(out_dir)
     report = prepare(template_files(), out_dir, Settings(sizes=(size,)),
-                     Options(workers=1, progress=False, split="slab"), echo=lambda _: None)
+                     Options(workers=1, progress=False, split="slab", labels="axis"), echo=lambda _: None)
     if report.exit_code:
         raise DataError(f"{out_dir}: preparing the quickstart shards failed "
                         f"({'; '.join(p.reason for p in report.problems) or 'see hpcgan prepare'})")

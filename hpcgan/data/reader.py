@@ -1,14 +1,15 @@
 """The one interface between data readers and the training loop.
 
 Every reader (memory, webdataset, dali) yields one rank's share of each global batch as float
-(B, C, H, W) in [-1, 1] on the training device, and can snapshot and restore its position so that a
-resumed run sees exactly the batches an uninterrupted one would have. Every position holds the global
-part (epoch, batch): `batch` counts global batches served in `epoch`, the same number on every rank.
+(B, C, H, W) in [-1, 1] on the training device, with each image's class index beside it, and can
+snapshot and restore its position so that a resumed run sees exactly the batches an uninterrupted one
+would have. Every position holds the global part (epoch, batch): `batch` counts global batches served
+in `epoch`, the same number on every rank.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -17,15 +18,24 @@ class DataError(ValueError):
     """Unusable input data; the message names the file and what to do."""
 
 
+class Batch(NamedTuple):
+    """One rank's share of a global batch: images and their classes travel together, so a conditional
+    model sees each image with its own label whatever the reader's order."""
+
+    images: torch.Tensor  # float (B, C, H, W) in [-1, 1] on the training device
+    labels: torch.Tensor  # int64 (B,) indices into the reader's `classes`, on the images' device; 0 without
+
+
 class Reader(Protocol):
     num_images: int  # images in one epoch of the training set
     batches_per_epoch: int  # global batches per epoch (the last partial batch is dropped)
     image_shape: tuple[int, int, int]  # (C, H, W)
+    classes: tuple[str, ...]  # class names, index = label; () when the data has none (labels all 0)
     # True if the global order of samples is the same for every number of processes: the global part
     # of a position then continues it exactly on another world size.
     world_invariant: bool
 
-    def next_batch(self) -> torch.Tensor: ...
+    def next_batch(self) -> Batch: ...
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position in the data order."""

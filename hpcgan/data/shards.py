@@ -2,7 +2,8 @@
 
 A shard folder holds `train-000000.tar`, `val-000000.tar`, ... each with an index file beside it
 (`train-000000.idx`, DALI's wds2idx v1.2 format), and `manifest.json`. A sample is one tar member per
-resolution, `<key>.<size>.png`, plus `<key>.json`. Readers validate shards against the manifest and
+resolution, `<key>.<size>.png`, plus `<key>.json`, and in a labelled folder (the manifest lists
+`classes`) `<key>.cls`: the class index as decimal text. Readers validate shards against the manifest and
 the index before reading, so a damaged shard fails in one line that names it. Only this module reads and
 writes the manifest; `split_mismatch` tells callers when val is not like train.
 """
@@ -14,6 +15,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +164,7 @@ def split_mismatch(shard_dir: Path) -> str | None:
     if not manifest.get("counts", {}).get("val"):
         return None
     differences = []
-    for field, what in (("contrasts", "contrast"), ("kinds", "source kind")):
+    for field, what in (("contrasts", "contrast"), ("kinds", "source kind"), ("class_counts", "class")):
         train, val = (sorted(manifest.get(field, {}).get(split, {})) for split in SPLITS)
         if train != val:
             differences.append(f"{what} (train {', '.join(n or 'unknown' for n in train) or 'none'}; "
@@ -193,33 +195,48 @@ def encode_png(image: np.ndarray, text: dict[str, str] | None = None) -> bytes:
 
 
 def write_shard_set(out: Path, images: np.ndarray, metas: list[dict[str, Any]], extra: dict[str, Any],
-                    shard_size: int = 1000, png_text: dict[str, str] | None = None) -> dict[str, Any]:
+                    shard_size: int = 1000, png_text: dict[str, str] | None = None,
+                    labels: Sequence[int] | None = None, classes: Sequence[str] = ()) -> dict[str, Any]:
     """A training split of uint8 (N, H, W) slices as shards any reader serves, with their manifest;
-    `extra` goes into the manifest (e.g. provenance). Returns the manifest."""
+    `extra` goes into the manifest (e.g. provenance). With `classes`, `labels` holds each slice's index
+    into them, written as its `cls` member, so readers return it. Returns the manifest."""
+    index = np.asarray([] if labels is None else labels, dtype=np.int64)
+    if classes and (index.shape != (len(images),) or not ((index >= 0) & (index < len(classes))).all()):
+        raise ValueError(f"write_shard_set: {len(images)} images need as many labels, each an index of the "
+                         f"{len(classes)} classes, when classes are given")
     out.mkdir(parents=True, exist_ok=True)
     size = int(images.shape[-1])
     records = []
     for number, start in enumerate(range(0, len(images), shard_size)):
         writer = ShardWriter(out / shard_name("train", number))
         for i in range(start, min(start + shard_size, len(images))):
-            writer.add(f"s{i:07d}", {png_key(size): encode_png(images[i], png_text),
-                                     "json": json.dumps(metas[i], sort_keys=True).encode()})
+            parts = {png_key(size): encode_png(images[i], png_text)}
+            if classes:
+                parts["cls"] = str(index[i]).encode()
+            writer.add(f"s{i:07d}", parts | {"json": json.dumps(metas[i], sort_keys=True).encode()})
         records.append(writer.close() | {"split": "train"})
     manifest = {"format": FORMAT, "sizes": [size], "bit_depth": 8, "channels": 1, "shards": records,
                 "counts": {"train": len(images), "val": 0}, **extra}
+    if classes:
+        counts = np.bincount(index, minlength=len(classes))
+        manifest |= {"classes": list(classes),
+                     "class_counts": {"train": {c: int(n) for c, n in zip(classes, counts) if n}, "val": {}}}
     write_manifest(out, manifest)
     return manifest
 
 
 @dataclass(frozen=True)
 class Split:
-    """One split of a shard folder at one resolution, validated: where each sample's PNG lies."""
+    """One split of a shard folder at one resolution, validated: where each sample's PNG lies, and its
+    class."""
 
     shard_dir: Path
     name: str  # train | val
     size: int
     tars: list[Path]
     refs: np.ndarray  # (N, 3) int64: tar number, data offset, byte size of the sample's PNG
+    labels: np.ndarray  # (N,) int64: class index of each sample (all 0 when the folder has no classes)
+    classes: tuple[str, ...]  # the manifest's class names, () when unlabelled
 
     @property
     def num_images(self) -> int:
@@ -252,8 +269,10 @@ def open_split(shard_dir: Path, split: str, size: int | None = None) -> Split:
         raise DataError(f"{shard_dir}: shards hold sizes {sizes}, not {size}; run hpcgan prepare "
                         f"--size {','.join(str(s) for s in sorted({*sizes, size}))} or train at one of them")
     ext = png_key(size)
+    classes = tuple(manifest.get("classes") or ())
     tars: list[Path] = []
     refs: list[tuple[int, int, int]] = []
+    labels: list[int] = []
     for record in (r for r in manifest["shards"] if r["split"] == split):
         tar = shard_dir / record["name"]
         if not tar.is_file():
@@ -279,8 +298,37 @@ def open_split(shard_dir: Path, split: str, size: int | None = None) -> Split:
             with open(tar, "rb") as f:
                 for sample in (samples[0], samples[-1]):
                     _check_member(tar, f, *sample[ext])
+                if classes:
+                    labels += _read_classes(tar, f, samples, len(classes))
         tars.append(tar)
-    return Split(shard_dir, split, size, tars, np.array(refs, dtype=np.int64).reshape(-1, 3))
+    return Split(shard_dir, split, size, tars, np.array(refs, dtype=np.int64).reshape(-1, 3),
+                 np.array(labels if classes else [0] * len(refs), dtype=np.int64), classes)
+
+
+def _read_classes(tar: Path, f: Any, samples: list[dict[str, tuple[int, int, str]]], n_classes: int) -> list[int]:
+    """The `cls` member of each sample of an open tar, checked against the manifest's classes."""
+    out = []
+    for sample in samples:
+        if "cls" not in sample:
+            name = next(iter(sample.values()))[2].split(".", 1)[0]
+            raise DataError(f"{tar}: sample {name} has no cls (its class), though {MANIFEST} lists classes; "
+                            "re-run hpcgan prepare")
+        offset, length, name = sample["cls"]
+        f.seek(offset)
+        data = f.read(length)
+        if len(data) != length:
+            raise DataError(f"{tar}: its index file points past the end of the tar; re-run hpcgan prepare")
+        out.append(class_index(data, n_classes, f"{tar} ({name})"))
+    return out
+
+
+def class_index(data: bytes, n_classes: int, where: str) -> int:
+    """A `cls` member's bytes -> its class index, which must name one of the `n_classes` classes."""
+    text = data.decode("ascii", "replace").strip()
+    if not text.isdigit() or int(text) >= n_classes:
+        raise DataError(f"{where}: class {text[:20]!r} is not an index of the {n_classes} classes in {MANIFEST}; "
+                        "re-run hpcgan prepare")
+    return int(text)
 
 
 def decode_png(data: bytes, where: str, size: int) -> np.ndarray:

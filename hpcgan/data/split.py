@@ -10,22 +10,42 @@ from __future__ import annotations
 
 import hashlib
 
-def assign_splits(subjects: set[str], val_frac: float, seed: int) -> dict[str, str]:
+
+def assign_splits(subjects: set[str], val_frac: float, seed: int,
+                  strata: dict[str, str] | None = None) -> dict[str, str]:
     """subject key -> "train" | "val".
 
     Subjects are ranked by a seeded hash of their key, and the first round(val_frac * n) go to val (at
     least one when val_frac > 0 and there are two or more subjects; never all of them). Ranking by hash
     rather than shuffling a list means adding subjects later moves few existing ones across the split.
+
+    `strata` (subject -> class) stratifies: each class's subjects are split on their own, so every class
+    with two or more subjects lands in both splits; subjects without a class form one stratum. When the
+    strata leave val empty, the first-ranked subject of the largest stratum goes there, so val is never
+    empty for want of large classes.
     """
     if not 0.0 <= val_frac < 1.0:
         raise ValueError(f"val_frac={val_frac}: must be in [0, 1)")
-    ranked = sorted(subjects, key=lambda s: hashlib.sha256(f"{seed}\0{s}".encode()).hexdigest())
-    n_val = round(val_frac * len(ranked))
-    if val_frac > 0 and len(ranked) >= 2:
-        n_val = min(max(n_val, 1), len(ranked) - 1)
-    else:
-        n_val = 0
-    return {s: "val" if i < n_val else "train" for i, s in enumerate(ranked)}
+    groups: dict[str | None, list[str]] = {}
+    for s in subjects:
+        groups.setdefault((strata or {}).get(s), []).append(s)
+    ranked = {c: sorted(g, key=lambda s: hashlib.sha256(f"{seed}\0{s}".encode()).hexdigest())
+              for c, g in groups.items()}
+    out: dict[str, str] = {}
+    for members in ranked.values():
+        n_val = _val_count(len(members), val_frac)
+        out |= {s: "val" if i < n_val else "train" for i, s in enumerate(members)}
+    if val_frac > 0 and len(subjects) >= 2 and "val" not in out.values():
+        largest = max(ranked.values(), key=lambda m: (len(m), m[0]))
+        out[largest[0]] = "val"
+    return out
+
+
+def _val_count(n: int, val_frac: float) -> int:
+    """round(val_frac * n), at least one when val_frac > 0 and n >= 2, never all n."""
+    if val_frac > 0 and n >= 2:
+        return min(max(round(val_frac * n), 1), n - 1)
+    return 0
 
 
 def val_slabs(first: int, last: int, val_frac: float, count: int, gap: int, key: str) -> list[range]:

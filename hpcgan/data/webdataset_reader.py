@@ -11,6 +11,8 @@ An epoch is one deterministic stream of samples, a function of (seed, epoch) onl
 5. flips: one coin per position of that stream, from the same generator, applied on the training
    device with the [-1, 1] conversion.
 
+A sample's class is its `cls` member, read with its PNG (labelled shard folders only).
+
 Every rank and every worker reads the same stream (bytes only: a sample's PNG is decoded by the one
 worker whose batch holds it, and only on the rank whose share it is). Worker w of n handles batches
 w, w + n, ...; the DataLoader returns workers' items round robin, so batches come in order and the
@@ -30,8 +32,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hpcgan.data.memory import to_unit_range
-from hpcgan.data.shards import Split, decode_png, png_key
-from hpcgan.data.reader import DataError, batches_per_epoch, epoch_generator, rank_slice
+from hpcgan.data.shards import Split, class_index, decode_png, png_key
+from hpcgan.data.reader import Batch, DataError, batches_per_epoch, epoch_generator, rank_slice
 
 SHUFFLE_BUFFER = 1024  # samples; as DALI's reader
 
@@ -61,8 +63,8 @@ def _first_line(exn: BaseException) -> str:
 
 
 class _EpochStream(IterableDataset):
-    """Yields (batch number, uint8 (B, 1, H, W)) for this rank's share of the epoch's batches from `start`
-    on, or the one-line error as a str.
+    """Yields (batch number, uint8 (B, 1, H, W), int64 (B,) labels) for this rank's share of the epoch's
+    batches from `start` on, or the one-line error as a str.
 
     Errors travel as values: an exception raised in a worker would reach the trainer wrapped in a
     multi-line traceback instead of the one line that names the shard. The main process sets
@@ -77,7 +79,7 @@ class _EpochStream(IterableDataset):
         self.shard_order: list[int] = []
         self.shuffle_seed, self.start = 0, 0
 
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor] | str]:
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor] | str]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         try:
@@ -87,7 +89,7 @@ class _EpochStream(IterableDataset):
         except DataError as err:
             yield str(err)
 
-    def _batches(self, worker: int, workers: int) -> Iterator[tuple[int, torch.Tensor]]:
+    def _batches(self, worker: int, workers: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         first = self.start + worker  # this worker's batches: first, first + workers, ... < self.batches
         if first >= self.batches:
             return
@@ -98,6 +100,7 @@ class _EpochStream(IterableDataset):
         samples = samples.compose(self._complete(urls)).shuffle(self.buffer, initial=self.buffer,
                                                                 seed=self.shuffle_seed)
         size, batch, (lo, hi) = self.split.size, self.global_batch, (self.my_slice.start, self.my_slice.stop)
+        n_classes = len(self.split.classes)
         mine: list[dict[str, Any]] = []
         for position, sample in enumerate(samples):
             number, j = divmod(position, batch)
@@ -109,10 +112,14 @@ class _EpochStream(IterableDataset):
                 mine.append(sample)
             if j == batch - 1:
                 out = np.empty((len(mine), 1, size, size), dtype=np.uint8)
+                labels = np.zeros(len(mine), dtype=np.int64)
                 for i, s in enumerate(mine):
-                    out[i, 0] = decode_png(s[self.ext], f"{s['__url__']} (sample {s['__key__']})", size)
+                    where = f"{s['__url__']} (sample {s['__key__']})"
+                    out[i, 0] = decode_png(s[self.ext], where, size)
+                    if n_classes:
+                        labels[i] = class_index(s["cls"], n_classes, where)
                 mine = []
-                yield number, torch.from_numpy(out)
+                yield number, torch.from_numpy(out), torch.from_numpy(labels)
 
     def _handler(self, urls: list[str]) -> Any:
         """webdataset's error handler: turn any failure into one line naming the shard, and stop."""
@@ -130,8 +137,9 @@ class _EpochStream(IterableDataset):
         return handle
 
     def _complete(self, urls: list[str]) -> Any:
-        """A pipeline stage: each sample has the wanted PNG and each shard as many samples as its index."""
-        ext, expected = self.ext, self.expected
+        """A pipeline stage: each sample has the wanted PNG (and its class, when labelled) and each shard as
+        many samples as its index."""
+        ext, expected, labelled = self.ext, self.expected, bool(self.split.classes)
 
         def stage(src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             shard, seen = -1, 0
@@ -149,8 +157,9 @@ class _EpochStream(IterableDataset):
                     now = urls.index(url, shard + 1) if url in urls[shard + 1:] else len(urls)
                     finish(now)
                     shard, seen = now, 0
-                if ext not in sample:
-                    raise _Failed(f"{url}: sample {sample['__key__']} has no {ext}; re-run hpcgan prepare")
+                for member in (ext, "cls") if labelled else (ext,):
+                    if member not in sample:
+                        raise _Failed(f"{url}: sample {sample['__key__']} has no {member}; re-run hpcgan prepare")
                 seen += 1
                 yield sample
             finish(len(urls))
@@ -169,6 +178,7 @@ class WebDatasetReader:
         self.batches_per_epoch = batches_per_epoch(self.num_images, global_batch,
                                                    f"{split.shard_dir}: the {split.name} split")
         self.image_shape = (1, split.size, split.size)
+        self.classes = split.classes
         self.device = torch.device(device)
         self.seed, self.global_batch, self.flip = seed, global_batch, flip
         self.my_slice = rank_slice(global_batch, rank, world)
@@ -180,7 +190,7 @@ class WebDatasetReader:
         # the trainer's noise comes from, or a run resumed mid-epoch would draw different noise.
         self._loader = DataLoader(self._stream, batch_size=None, collate_fn=_first, num_workers=workers,
                                   pin_memory=self.device.type == "cuda", generator=torch.Generator())
-        self._iter: Iterator[tuple[int, torch.Tensor] | str] | None = None
+        self._iter: Iterator[tuple[int, torch.Tensor, torch.Tensor] | str] | None = None
         self.epoch, self.batch = 0, 0
         self._flips: torch.Tensor | None = None
 
@@ -193,7 +203,7 @@ class WebDatasetReader:
             flips.view(self.batches_per_epoch, self.global_batch)[:, self.my_slice].to(self.device)
         self._iter = iter(self._loader)
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> Batch:
         if self.batch == self.batches_per_epoch:
             self.epoch, self.batch, self._iter = self.epoch + 1, 0, None
         if self._iter is None:
@@ -207,7 +217,7 @@ class WebDatasetReader:
         x = to_unit_range(item[1].to(self.device, non_blocking=True),
                           None if self._flips is None else self._flips[self.batch])
         self.batch += 1
-        return x
+        return Batch(x, item[2].to(self.device, non_blocking=True))
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch": self.batch}

@@ -1,7 +1,7 @@
 """Sample-quality metrics for generated MRI slices; see docs/metrics.md for what the numbers mean.
 
 Registered names: "swd", "msssim", "fid", "kid", "pr", "dc", "memorization". Importing the package
-registers them all.
+registers them all. `utility_test` is no registered metric: it needs class labels and trains classifiers.
 """
 
 from hpcgan.metrics.cache import RealStatsCache
@@ -33,15 +33,17 @@ from hpcgan.metrics.registry import MetricContext, available, evaluate, get, reg
 from hpcgan.metrics.sliced_wasserstein import laplacian_pyramid, swd
 from hpcgan.metrics.spaces import load_extractor
 from hpcgan.metrics.stats import RealStats, feature_stats
+from hpcgan.metrics.utility import ClassifierSettings, balanced_accuracy, macro_auc, utility_test
 from hpcgan.metrics.validation import Disturbance, copy_audit, disturbance_curves, markdown_table, monotone
 
 __all__ = [
-    "AuditResult", "Disturbance", "EncoderSettings", "FeatureExtractor", "FeatureWeightsError", "MetricContext",
-    "PixelProjection", "RealStats", "RealStatsCache", "SSLFeatures", "TorchScriptFeatures", "WEIGHTS_ENV",
-    "available", "compute_real_stats", "copy_audit", "data_fingerprint", "default_cache_dir", "density_coverage",
-    "disturbance_curves", "encoder_path", "evaluate", "evaluate_distributed", "extract", "feature_stats",
-    "fid_from_features", "find_encoder", "frechet_distance", "gather_rows", "get", "kid_from_features",
-    "kid_subsets", "knn_radii", "laplacian_pyramid", "load_extractor", "load_torchscript", "markdown_table",
-    "memorization_audit", "monotone", "ms_ssim", "ms_ssim_diversity", "precision_recall", "register",
-    "resolve_weights", "save_pairs_png", "shard", "ssim", "swd", "train_features", "uses_features",
+    "AuditResult", "ClassifierSettings", "Disturbance", "EncoderSettings", "FeatureExtractor",
+    "FeatureWeightsError", "MetricContext", "PixelProjection", "RealStats", "RealStatsCache", "SSLFeatures",
+    "TorchScriptFeatures", "WEIGHTS_ENV", "available", "balanced_accuracy", "compute_real_stats", "copy_audit",
+    "data_fingerprint", "default_cache_dir", "density_coverage", "disturbance_curves", "encoder_path", "evaluate",
+    "evaluate_distributed", "extract", "feature_stats", "fid_from_features", "find_encoder", "frechet_distance",
+    "gather_rows", "get", "kid_from_features", "kid_subsets", "knn_radii", "laplacian_pyramid", "load_extractor",
+    "load_torchscript", "macro_auc", "markdown_table", "memorization_audit", "monotone", "ms_ssim",
+    "ms_ssim_diversity", "precision_recall", "register", "resolve_weights", "save_pairs_png", "shard", "ssim",
+    "swd", "train_features", "uses_features", "utility_test",
 ]

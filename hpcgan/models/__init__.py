@@ -1,7 +1,9 @@
 """Generator and discriminator architectures: one module per arch, chosen by `model.arch`.
 
 Each arch module exposes `build(cfg: ModelConfig) -> (G, D)`: G maps (N, nz) latents to (N, C, R, R)
-images in [-1, 1], D maps images to one logit each. Adding an arch is one module and one line here.
+images in [-1, 1], D maps images to one logit each. With `cfg.num_classes` > 0 both also take (N,) int64
+class labels, `G(z, labels)` and `D(x, labels)`, and G carries `num_classes`. Adding an arch is one
+module and one line here.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ N(0, 1), scaled at run time by 1/sqrt(fan_in), times 0.01 in the mapping network
 per-parameter steps are comparable across layers. Style affines start with bias 1 (styles near 1),
 noise strengths and all other biases with 0, the constant input N(0, 1).
 
+Conditional (`model.conditional`), as StyleGAN2-ADA: a class embedding, normalised like z, is
+concatenated with z as the mapping network's input, so the class steers every style; D adds the
+projection <embed(y), h> to its logit on the epilogue's last features h (Miyato & Koyama 2018; ADA maps
+the class first, a plain embedding suffices here). Without classes nothing of either is built.
+
 Choices made for portability and speed, all in ordinary PyTorch ops:
 - Modulation scales the activations, not the weights ("non-fused"): one shared-weight convolution for
   the whole batch, the fast path of every backend. The mapping network, the styles, the demodulation
@@ -101,19 +106,29 @@ class Conv(nn.Module):
         return F.leaky_relu(x, 0.2) if self.act else x
 
 
+def normalize_2nd_moment(x: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to unit mean square: the mapping's inputs keep one scale whatever their size."""
+    return x * (x.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
+
+
 class Mapping(nn.Module):
-    """z -> w, in float32; tracks the average w, the centre that truncation pulls styles towards."""
+    """z (and a class) -> w, in float32; tracks the average w, the centre that truncation pulls styles
+    towards (over all classes, as StyleGAN2-ADA)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        dims = [cfg.nz] + [cfg.w_dim] * cfg.mapping_layers
+        # Stored N(0, 1) and normalised in the forward: its scale is z's whatever Adam does to it.
+        self.embed = nn.Embedding(cfg.num_classes, cfg.w_dim) if cfg.num_classes else None
+        dims = [cfg.nz + (cfg.w_dim if cfg.num_classes else 0)] + [cfg.w_dim] * cfg.mapping_layers
         self.layers = nn.Sequential(*[Dense(a, b, lr_mul=0.01, act=True) for a, b in zip(dims, dims[1:])])
         self.register_buffer("w_avg", torch.zeros(cfg.w_dim))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         with full_precision(z):
-            z = z.float()
-            return self.layers(z * (z.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt())
+            x = normalize_2nd_moment(z.float())
+            if self.embed is not None:
+                x = torch.cat([x, normalize_2nd_moment(self.embed(labels).float())], dim=1)
+            return self.layers(x)
 
     @torch.no_grad()
     def track(self, w: torch.Tensor, beta: float = 0.995) -> None:
@@ -185,7 +200,7 @@ class ToGray(nn.Module):
 class Generator(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.nz, self.style_mixing = cfg.nz, cfg.style_mixing
+        self.nz, self.style_mixing, self.num_classes = cfg.nz, cfg.style_mixing, cfg.num_classes
         ch = widths(cfg)
         self.mapping = Mapping(cfg)
         self.const = nn.Parameter(torch.randn(ch[4], 4, 4))
@@ -202,11 +217,13 @@ class Generator(nn.Module):
         of the layer after it)."""
         return len(self.layers) + 1
 
-    def styles(self, z: torch.Tensor, truncation_psi: float = 1.0) -> torch.Tensor:
+    def styles(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+               truncation_psi: float = 1.0) -> torch.Tensor:
         """(N, num_styles, w_dim) float32, one w per layer. In training, w_avg follows w and, with
-        probability `style_mixing`, a second latent takes over from a random layer on, so that G cannot
-        rely on neighbouring layers sharing a style. The draw stays on the device (no host sync)."""
-        w = self.mapping(z)
+        probability `style_mixing`, a second latent (of the same class) takes over from a random layer on,
+        so that G cannot rely on neighbouring layers sharing a style. The draw stays on the device (no
+        host sync)."""
+        w = self.mapping(z, labels)
         if self.training:
             self.mapping.track(w)
         ws = w.unsqueeze(1).expand(-1, self.num_styles, -1)
@@ -214,16 +231,18 @@ class Generator(nn.Module):
             cutoff = torch.randint(1, self.num_styles, (), device=z.device)
             mix = torch.rand((), device=z.device) < self.style_mixing
             cutoff = torch.where(mix, cutoff, torch.full_like(cutoff, self.num_styles))
-            w2 = self.mapping(torch.randn_like(z))
+            w2 = self.mapping(torch.randn_like(z), labels)
             after = (torch.arange(self.num_styles, device=z.device) >= cutoff)[None, :, None]
             ws = torch.where(after, w2.unsqueeze(1), ws)
         if truncation_psi != 1.0:
             ws = self.mapping.w_avg.lerp(ws, truncation_psi)
         return ws
 
-    def forward(self, z: torch.Tensor, truncation_psi: float = 1.0) -> torch.Tensor:
-        """(N, channels, R, R) float32 images, useful range [-1, 1] (linear output, no tanh)."""
-        ws = self.styles(z, truncation_psi)
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                truncation_psi: float = 1.0) -> torch.Tensor:
+        """(N, channels, R, R) float32 images, useful range [-1, 1] (linear output, no tanh); `labels`
+        (N,) int64 class indices, required when conditional."""
+        ws = self.styles(z, labels, truncation_psi)
         x = self.const.unsqueeze(0).expand(z.shape[0], -1, -1, -1)
         x = self.layers[0](x, ws[:, 0])
         image = self.to_gray[0](x, ws[:, 1])
@@ -269,16 +288,23 @@ class Discriminator(nn.Module):
         self.conv = Conv(ch[4] + 1, ch[4], 3)
         self.dense = Dense(ch[4] * 16, ch[4], act=True)
         self.out = Dense(ch[4], 1)
+        self.num_classes = cfg.num_classes
+        # Equalised like Dense: stored N(0, 1), scaled by 1/sqrt(features) in the forward.
+        self.project = nn.Embedding(cfg.num_classes, ch[4]) if cfg.num_classes else None
+        self.project_gain = 1 / math.sqrt(ch[4])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N,) logits."""
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) logits; `labels` (N,) int64 class indices, required when conditional."""
         # A one-channel image and FromGray's 1x1 weight have no layout of their own, so FromGray's output
         # would be NCHW: give it the layout the other weights have (channels_last after .to()).
         cl = self.conv.weight.is_contiguous(memory_format=torch.channels_last)
         x = self.from_gray(x).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
         x = self.blocks(x)
         x = self.conv(minibatch_stddev(x))
-        return self.out(self.dense(x.flatten(1))).flatten()
+        h = self.dense(x.flatten(1))
+        if self.project is None:
+            return self.out(h).flatten()
+        return self.out(h).flatten() + (self.project(labels) * h).sum(dim=1) * self.project_gain
 
 
 def build(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:

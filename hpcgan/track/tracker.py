@@ -174,13 +174,22 @@ class Tracker:
             self._artifacts.pop(0)
 
     def log_generator(self, generator, nz: int) -> None:
-        """The final EMA generator as an MLflow model (pt2 export, not pickle), synchronously."""
+        """The final EMA generator as an MLflow model (pt2 export, not pickle), synchronously; a
+        conditional one takes int64 class labels beside z."""
         import numpy as np
         import mlflow.pytorch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        z = np.zeros((2, nz), dtype=np.float32)
+        extra: dict[str, Any] = {"input_example": z}
+        if getattr(generator, "num_classes", 0):  # two inputs: MLflow cannot infer the signature of a tuple
+            extra = {"input_example": (z, np.zeros(2, dtype=np.int64)),
+                     "signature": ModelSignature(inputs=Schema([TensorSpec(z.dtype, (-1, nz), "z"),
+                                                                TensorSpec(np.dtype(np.int64), (-1,), "labels")]))}
 
         def export() -> None:
             mlflow.set_tracking_uri(self.uri)
             with mlflow.start_run(run_id=self.run_id):
-                mlflow.pytorch.log_model(generator, name="generator", serialization_format="pt2",
-                                         input_example=np.zeros((2, nz), dtype=np.float32))
+                mlflow.pytorch.log_model(generator, name="generator", serialization_format="pt2", **extra)
         self._try(export)

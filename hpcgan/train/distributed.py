@@ -41,6 +41,15 @@ if dist.is_available():
 log = logging.getLogger(__name__)
 
 
+def agree(ok: bool, world: int, device: torch.device) -> bool:
+    """True on every rank only if `ok` is True on every rank; also a barrier."""
+    if world == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def release_distributed() -> None:
     """Leave the default process group; a no-op without one.
 

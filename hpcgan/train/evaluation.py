@@ -1,10 +1,11 @@
 """Quality metrics inside the training loop: EMA samples against a fixed held-out real subset, each
 number beside its real floor.
 
-The real subset, its cached statistics and the latent vectors are fixed at start, so every evaluation
-measures the same thing and curves are comparable across restarts. Each rank generates its share; the
-metrics package gathers the shares and all ranks get the same numbers. Nothing here touches the
-training RNG streams (every draw uses its own seeded generator), so metrics never change training.
+The real subset, its cached statistics and the latent vectors (with a conditional run's classes, in the
+training data's proportions) are fixed at start, so every evaluation measures the same thing and curves
+are comparable across restarts. Each rank generates its share; the metrics package gathers the shares
+and all ranks get the same numbers. Nothing here touches the training RNG streams (every draw uses its
+own seeded generator), so metrics never change training.
 
 The floor is what real slices score under the same protocol: training slices against the held-out set
 (`floor`: what a generator that draws from the training distribution would score) and two halves of
@@ -27,6 +28,7 @@ import hpcgan.metrics as M
 from hpcgan.config import Config
 from hpcgan.data import load_real, shards
 from hpcgan.data.pixels import to_unit
+from hpcgan.train.conditioning import allocate
 from hpcgan.train.samples import generate
 
 
@@ -81,7 +83,9 @@ def with_floors(values: dict[str, float], floors: dict[str, float]) -> str:
 
 
 class InLoopMetrics:
-    def __init__(self, cfg: Config, device: torch.device, cache_dir: Path) -> None:
+    def __init__(self, cfg: Config, device: torch.device, cache_dir: Path,
+                 class_counts: list[int] | None = None) -> None:
+        """`class_counts`: a conditional run's training images per class; generated classes follow them."""
         mcfg = cfg.metrics
         self.names, self.seed = list(mcfg.names), cfg.seed
         real = load_real(cfg.data.path, split="val", size=cfg.model.resolution)
@@ -90,6 +94,7 @@ class InLoopMetrics:
         mine = M.shard(n)
         self.real = to_unit(real[pick][mine]).to(device)
         self.z = torch.randn(n, cfg.model.nz, generator=torch.Generator().manual_seed(cfg.seed + 1))[mine].to(device)
+        self.labels = allocate(n, class_counts)[mine].to(device) if class_counts else None
         self.extractor = M.load_extractor(mcfg.inception_weights, device=device, data=cfg.data.path,
                                           resolution=cfg.model.resolution)
         self.stats = None
@@ -99,6 +104,7 @@ class InLoopMetrics:
         self.floors = real_floors(cfg.data.path, self.names, cfg.model.resolution, n, cfg.seed, self.extractor)
 
     def __call__(self, generator: torch.nn.Module) -> dict[str, float]:
-        result = M.evaluate_distributed(self.names, self.real, generate(generator, self.z), extractor=self.extractor,
-                                        real_stats=self.stats, seed=self.seed)
+        fake = generate(generator, self.z, self.labels)
+        result = M.evaluate_distributed(self.names, self.real, fake, extractor=self.extractor, real_stats=self.stats,
+                                        seed=self.seed)
         return {k: v for k, v in result.items() if isinstance(v, float)}

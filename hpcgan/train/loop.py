@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from hpcgan.config import Config
 from hpcgan.data import Reader, build_reader
@@ -22,7 +21,8 @@ from hpcgan.augment import build_augment
 from hpcgan.models.ema import EMA, ema_decay
 from hpcgan.models.losses import d_loss, g_loss, r1_penalty
 from hpcgan.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointManager, step_dir_name
-from hpcgan.train.distributed import release_distributed, resume_on_new_world
+from hpcgan.train.conditioning import check_classes, resolve_classes, run_classes, step_labels
+from hpcgan.train.distributed import agree, release_distributed, resume_on_new_world
 from hpcgan.train.precision import precision_name
 from hpcgan.train.progress import Reporter, StepStats
 from hpcgan.train.run_folder import CONFIG_FILE, RunFolder, RunLock, RunLockedError
@@ -43,13 +43,14 @@ class Trainer:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process  # global rank 0, not the node-local one
         self.device = self.acc.device
+        self.reader: Reader = build_reader(cfg.data, seed=cfg.seed, global_batch=tcfg.batch_size, rank=self.rank,
+                                           world=self.world, device=self.device, resolution=cfg.model.resolution)
+        self.cfg = cfg = resolve_classes(cfg, self.reader.classes)  # the number of classes is saved with it
         seed_everything(cfg.seed)  # identical initial weights on every rank
         generator, discriminator = build_models(cfg.model)
         if tcfg.sync_batchnorm and self.world > 1:
             generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
             discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
-        self.reader: Reader = build_reader(cfg.data, seed=cfg.seed, global_batch=tcfg.batch_size, rank=self.rank,
-                                           world=self.world, device=self.device, resolution=cfg.model.resolution)
         self.total_steps = tcfg.steps if tcfg.steps is not None else tcfg.epochs * self.reader.batches_per_epoch
         self.augment = build_augment(cfg.augment, seed=cfg.seed, rank=self.rank, device=self.device)
         # The plain modules: what checkpoints, EMA and samples use, whatever wraps them for training.
@@ -58,7 +59,7 @@ class Trainer:
         self.ema = EMA(generator, ema_decay(tcfg.ema_decay, tcfg.ema_half_life_images, tcfg.batch_size)) \
             if tcfg.ema else None
         seed_everything(rank_seed(cfg.seed, self.rank))
-        self.state = TrainState(world_size=self.world)
+        self.state = TrainState(world_size=self.world, classes=run_classes(cfg, self.reader.classes))
         self.ckpt = CheckpointManager(self.run.checkpoints, keep=cfg.checkpoint.keep, best=self.run.best,
                                       milestones=cfg.checkpoint.milestones, rank=self.rank, agree=self._agree)
         self._register_parts()
@@ -91,22 +92,19 @@ class Trainer:
         ckpt.register_rank("data", self.reader)
 
     def _agree(self, ok: bool) -> bool:
-        """True on every rank only if `ok` is True on every rank; also a barrier."""
-        if self.world == 1:
-            return ok
-        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        return agree(ok, self.world, self.device)
 
     # ------------------------------------------------------------------ resume
     def _restore(self, folder: Path) -> None:
         """Load `folder`; one written by another number of processes continues in global terms."""
+        classes = self.state.classes
         if not self.ckpt.load(folder) or self.state.world_size != self.world:
             change = resume_on_new_world(folder, self.state, seed=self.cfg.seed, rank=self.rank, world=self.world,
                                          global_batch=self.cfg.train.batch_size, reader=self.reader,
                                          augment=self.augment)
             if self.is_main:
                 log.info("%s", change)
+        check_classes(self.state.classes, classes, self.cfg.data.path)
         self.state.restarts += 1
         self.state.world_size = self.world
         self._saved_step = self.state.step
@@ -119,11 +117,13 @@ class Trainer:
         when an interrupt arrives before D's update on an abortable (single CPU process) trainer.
         """
         if not self._abortable:
-            stats = self._train_step(self.reader.next_batch())
+            real, labels = self.reader.next_batch()
+            stats = self._train_step(real, labels)
         else:
             before = StepSnapshot(self.reader, self._buffers, self.augment)
             try:
-                stats = self._train_step(self.reader.next_batch())
+                real, labels = self.reader.next_batch()
+                stats = self._train_step(real, labels)
             except StepAborted as aborted:
                 before.restore()
                 self.opt_d.zero_grad(set_to_none=True)
@@ -139,18 +139,19 @@ class Trainer:
         """What D is shown: every image, real or fake, goes through the same augmentation."""
         return self.augment(images) if self.augment is not None else images
 
-    def _train_step(self, real: torch.Tensor) -> torch.Tensor:
+    def _train_step(self, real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         tcfg = self.cfg.train
         if tcfg.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
         z = torch.randn(real.shape[0], self.cfg.model.nz, device=self.device)
+        labels, fake_y = step_labels(labels, self.cfg.model.num_classes, tcfg.class_balance)
         self.opt_d.zero_grad(set_to_none=True)
-        fake = self.G(z)
+        fake = self.G(z, fake_y)
         self._abort_point()
         do_r1 = tcfg.r1_gamma > 0 and self.state.step % tcfg.r1_every == 0
         real = real.detach().requires_grad_(do_r1)
-        real_logits = self.D(self._see(real))
-        fake_logits = self.D(self._see(fake.detach()))
+        real_logits = self.D(self._see(real), labels)
+        fake_logits = self.D(self._see(fake.detach()), fake_y)
         self._abort_point()
         loss_d = d_loss(real_logits, fake_logits, tcfg.loss)
         if do_r1:
@@ -168,7 +169,7 @@ class Trainer:
         self.discriminator.requires_grad_(False)
         try:
             with self.acc.no_sync(self.D):
-                fake_logits_g = self.D(self._see(fake))
+                fake_logits_g = self.D(self._see(fake), fake_y)
                 loss_g = g_loss(fake_logits_g, tcfg.loss)
                 self.acc.backward(loss_g)
         finally:

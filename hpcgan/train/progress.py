@@ -12,7 +12,7 @@ import torch
 
 from hpcgan.config import Config
 from hpcgan.train.run_folder import RunFolder
-from hpcgan.train.samples import generate, save_grid
+from hpcgan.train.samples import generate, grid_labels, save_grid
 from hpcgan.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ class Reporter:
         self.tracker: Any = None
         self.metrics: Any = None
         self.fixed_noise = torch.randn(64, cfg.model.nz, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+        classes = cfg.model.num_classes  # a conditional grid shows every class, one per row
+        self.fixed_labels = grid_labels(64, classes).to(device) if classes else None
         self._bar: Any = None
 
     def start(self, state: TrainState, precision: str, total: int) -> None:
@@ -78,7 +80,8 @@ class Reporter:
         if 0 < self.cfg.metrics.every <= total:
             from hpcgan.train.evaluation import InLoopMetrics
 
-            self.metrics = InLoopMetrics(self.cfg, self.device, cache_dir=self.run.cache)
+            self.metrics = InLoopMetrics(self.cfg, self.device, cache_dir=self.run.cache,
+                                         class_counts=list(state.classes.values()))
             self.write(step, state.images_seen, self.metrics.floors)
             if self.is_main:
                 log.info("real floors (train vs held-out; halves of train): %s",
@@ -107,7 +110,7 @@ class Reporter:
 
     def samples(self, generator: torch.nn.Module, step: int) -> None:
         if self.is_main:
-            path = save_grid(generate(generator, self.fixed_noise), self.run.sample_grid(step))
+            path = save_grid(generate(generator, self.fixed_noise, self.fixed_labels), self.run.sample_grid(step))
             if self.tracker:
                 self.tracker.log_artifact(path, "samples")
 

@@ -10,6 +10,8 @@ Layout of `RUN/`:
     cache/           per-run caches (real-set feature statistics)
     evaluation/      artefacts of `hpcgan evaluate` (closest pairs of the memorization audit, ...)
     metrics.json     the latest `hpcgan evaluate` report
+    utility.json     the latest `hpcgan evaluate --utility` report (downstream classifier per arm)
+    utility.png      its bar chart
     report/          `hpcgan report`: one self-contained HTML page and its plots
     .lock            the one writer's identity (see `RunLock`)
 """
@@ -86,6 +88,14 @@ class RunFolder:
     @property
     def evaluation_report(self) -> Path:
         return self.root / "metrics.json"
+
+    @property
+    def utility_report(self) -> Path:
+        return self.root / "utility.json"
+
+    @property
+    def utility_plot(self) -> Path:
+        return self.root / "utility.png"
 
     @property
     def report(self) -> Path:

@@ -13,8 +13,10 @@ from hpcgan.data import pixels
 
 
 @torch.no_grad()
-def generate(generator: torch.nn.Module, z: torch.Tensor, batch: int = 256, seed: int = 0) -> torch.Tensor:
-    """Images from `z` in eval mode (BatchNorm running stats), in batches; the module's mode is restored.
+def generate(generator: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None, batch: int = 256,
+             seed: int = 0) -> torch.Tensor:
+    """Images from `z` (and, for a conditional generator, class `labels`) in eval mode (BatchNorm running
+    stats), in batches; the module's mode is restored.
 
     Generators that draw noise of their own (StyleGAN's per-layer noise) draw it from a forked RNG seeded
     with `seed`: samples are reproducible, and sampling never moves the training RNG streams.
@@ -24,7 +26,8 @@ def generate(generator: torch.nn.Module, z: torch.Tensor, batch: int = 256, seed
     devices = [z.device] if z.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        images = torch.cat([generator(z[i:i + batch]).float() for i in range(0, len(z), batch)])
+        parts = [(z[i:i + batch], None if labels is None else labels[i:i + batch]) for i in range(0, len(z), batch)]
+        images = torch.cat([(generator(zs) if ys is None else generator(zs, ys)).float() for zs, ys in parts])
     generator.train(was_training)
     return images
 
@@ -35,10 +38,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return arr[..., 0] if arr.shape[-1] == 1 else arr
 
 
+def grid_columns(n: int) -> int:
+    return math.ceil(math.sqrt(n))
+
+
+def grid_labels(n: int, num_classes: int) -> torch.Tensor:
+    """Labels for an `n`-image grid that shows every class: row r holds class r mod `num_classes`, or,
+    with more classes than rows, tile i holds class i mod `num_classes`."""
+    cols = grid_columns(n)
+    index = torch.arange(n)
+    return (index // cols if num_classes <= math.ceil(n / cols) else index) % num_classes
+
+
 def save_grid(images: torch.Tensor, path: Path, pad: int = 2) -> Path:
     tiles = to_uint8(images)
     n, h, w = tiles.shape[:3]
-    cols = math.ceil(math.sqrt(n))
+    cols = grid_columns(n)
     rows = math.ceil(n / cols)
     grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad) + tiles.shape[3:], dtype=np.uint8)
     for i, tile in enumerate(tiles):

@@ -24,6 +24,7 @@ class TrainState:
     world_size: int = 1
     restarts: int = 0  # times this run was resumed from a checkpoint
     best: dict[str, Any] = field(default_factory=dict)  # {"metric", "value", "step"} of best/
+    classes: dict[str, int] = field(default_factory=dict)  # conditional: class -> training images, label order
 
     def state_dict(self) -> str:
         """JSON text: the one checkpoint file a person reads to see where a run stands."""
