@@ -68,7 +68,8 @@ class TrainConfig:
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
-    mixed_precision: str = "auto"  # auto (GPU: bf16, else fp16; CPU: fp32) | no | bf16 | fp16
+    # auto: bf16 where native (Ampere+ GPUs, AVX512-BF16/AMX CPUs), else fp16 on GPUs, fp32 on CPUs | no | bf16 | fp16
+    mixed_precision: str = "auto"
     ema: bool = True
     ema_decay: float = 0.999
     log_every: int = 50  # steps between host syncs for logging

@@ -15,7 +15,7 @@ import hpcgan
 from hpcgan.cli import main
 from hpcgan.train import EXIT_INTERRUPTED
 from hpcgan.train.checkpoint import MARKER, CheckpointManager
-from hpcgan.train.precision import resolve_mixed_precision
+from hpcgan.train.precision import native_bf16, resolve_mixed_precision
 
 from helpers import TINY, assert_identical, cli_env, final_weights, hpcgan_cmd, make_trainer, run_cli, train_args
 from data_factories import make_shards
@@ -220,14 +220,17 @@ def test_foreign_checkpoint_is_refused_without_damage(capsys, image_folder, tmp_
     assert (ckpt / "model.pt").exists()
 
 
-def test_auto_precision_is_bf16_or_fp16_on_gpus_and_fp32_on_cpu(image_folder, tmp_path):
-    assert resolve_mixed_precision("auto", "cuda", cuda_bf16=True) == "bf16"
-    assert resolve_mixed_precision("auto", "cuda", cuda_bf16=False) == "fp16"
-    assert resolve_mixed_precision("auto", "cpu") == "no"
+def test_auto_precision_is_bf16_where_native_else_fp16_on_gpus_and_fp32_on_cpus(image_folder, tmp_path):
+    assert resolve_mixed_precision("auto", "cuda", bf16_native=True) == "bf16"
+    assert resolve_mixed_precision("auto", "cuda", bf16_native=False) == "fp16"
+    assert resolve_mixed_precision("auto", "cpu", bf16_native=True) == "bf16"
+    assert resolve_mixed_precision("auto", "cpu", bf16_native=False) == "no"
     assert resolve_mixed_precision("bf16", "cpu") == "bf16"  # an explicit choice is kept
+    assert resolve_mixed_precision("no", "cpu", bf16_native=True) == "no"
     if not torch.cuda.is_available():
-        trainer = make_trainer(image_folder, tmp_path / "run")
-        assert trainer.cfg.train.mixed_precision == "auto" and trainer.acc.mixed_precision == "no"
+        trainer = make_trainer(image_folder, tmp_path / "run", "train.mixed_precision=auto")
+        expected = "bf16" if native_bf16(torch.device("cpu")) else "no"
+        assert trainer.cfg.train.mixed_precision == "auto" and trainer.acc.mixed_precision == expected
 
 
 def test_fp16_on_cpu_is_refused_with_the_alternative(capsys, image_folder, tmp_path):
