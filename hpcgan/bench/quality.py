@@ -75,11 +75,19 @@ def real_sets(images: BenchImages, seed: int) -> RealSets:
     return RealSets(train, train[order[:half]], train[order[half:]], "half of train")
 
 
-def feature_space(images: BenchImages, cfg: Config, device: torch.device) -> tuple[M.FeatureExtractor | None, str]:
+def feature_space(images: BenchImages, cfg: Config, device: torch.device,
+                  progress: Callable[[str], None]) -> tuple[M.FeatureExtractor | None, str]:
     """The network precision/recall are measured in (a TorchScript file when configured, else the data
-    set's cached offline encoder) and its description; without one, None and why."""
-    extractor = M.load_extractor(cfg.metrics.inception_weights, device, data=images.path,
-                                 resolution=images.resolution)
+    set's offline encoder, trained here once per data set when shards have none cached: a minute or two
+    on a CPU, nothing downloaded) and its description; without one, None and why."""
+    def load() -> M.FeatureExtractor | None:
+        return M.load_extractor(cfg.metrics.inception_weights, device, data=images.path, resolution=images.resolution)
+
+    extractor = load()
+    if extractor is None and images.shards:
+        progress("training the offline feature space for precision/recall (hpcgan features; cached)")
+        M.train_features(images.path, resolution=images.resolution)
+        extractor = load()
     if extractor is None:
         return None, NO_FEATURES
     return extractor, str(getattr(extractor, "description", extractor.name))
@@ -214,7 +222,7 @@ def measure_quality(plan: QualityPlan, workdir: Path,
         runs[side] = _run_side({**specs[side], **common, "folder": str(workdir / "quality" / side)})
 
     progress("scoring every snapshot")
-    extractor, space = feature_space(images, cfg, device)
+    extractor, space = feature_space(images, cfg, device, progress)
     scorer = Scorer(real, plan.samples, device, extractor, plan.seed)
     quality: dict[str, Any] = {
         "budget_s": budget, "every_s": every, "samples": plan.samples, "eval_images": scorer.n,
