@@ -4,6 +4,7 @@ Fixtures that use them live in conftest.py; tests import this module, never conf
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -106,3 +107,25 @@ def make_trainer(data, out, *extra: str):
 def train_args(data, out, *extra: str) -> list[str]:
     """`hpcgan train` arguments with the tiny nets of TINY, plus `extra` overrides."""
     return ["train", "--data", str(data), "--out", str(out), *[a for kv in [*TINY, *extra] for a in ("--set", kv)]]
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a torch.distributed rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torch.distributed.run` with `nproc` local processes of one thread each, rendezvous on loopback."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", *args]
+    return subprocess.run(cmd, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout)
+
+
+def ddp_report(out: Path, steps: int, *sets: str) -> list[dict]:
+    """tests/ddp_worker.py on 2 processes for `steps` steps: per step and net, whether all ranks hold equal weights."""
+    out.mkdir(parents=True, exist_ok=True)
+    proc = torchrun(2, str(REPO / "tests" / "ddp_worker.py"), str(out), str(steps), *sets)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "ddp_report.json").read_text())

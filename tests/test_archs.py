@@ -4,14 +4,11 @@ run under bf16 autocast, reach 256 px, and keep DDP ranks equal."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import REPO, TINY, assert_identical, cli_env, final_weights, make_trainer
+from helpers import TINY, assert_identical, ddp_report, final_weights, make_trainer
 
 # Tiny StyleGAN2: a few thousand parameters, seconds per step on 2 CPU cores.
 STYLEGAN2 = ["model.arch=stylegan2", "model.channel_base=256", "model.channel_max=16", "model.w_dim=32",
@@ -78,20 +75,7 @@ def test_stylegan2_at_256_px_trains_and_resumes(tmp_path):
     assert image.shape == (2, 1, 256, 256)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_stylegan2_ranks_hold_equal_weights_under_ddp(image_folder, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(REPO / "tests" / "ddp_worker.py"), str(out), "4",
-           f"data.path={image_folder}", *TINY, *STYLEGAN2, *SMALL_DATA]
-    proc = subprocess.run(cmd, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "ddp_report.json").read_text())
+    report = ddp_report(tmp_path / "run", 4, f"data.path={image_folder}", *TINY, *STYLEGAN2, *SMALL_DATA)
     assert len(report) == 8 and all(r["equal"] for r in report)

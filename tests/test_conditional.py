@@ -4,8 +4,6 @@ resume, bf16 and DDP, sampled by class, and exported by class."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +18,9 @@ from hpcgan.models import build_models
 from hpcgan.train.conditioning import allocate
 from hpcgan.train.samples import grid_labels
 
-from helpers import (REPO, TINY, assert_identical, cli_env, final_weights, make_trainer, train_args,
+from helpers import (TINY, assert_identical, ddp_report, final_weights, make_trainer, train_args,
                      write_image_folder)
-from test_archs import SMALL_DATA, STYLEGAN2, _free_port
+from test_archs import SMALL_DATA, STYLEGAN2
 
 CLASSES = ("axial", "coronal", "sagittal")
 MODELS = {
@@ -167,14 +165,8 @@ def test_conditional_bf16_autocast_steps_are_finite(arch, labelled_folder, tmp_p
 
 @pytest.mark.slow
 def test_conditional_ranks_hold_equal_weights_under_ddp(labelled_folder, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(REPO / "tests" / "ddp_worker.py"), str(out), "3",
-           f"data.path={labelled_folder}", *TINY, *CONDITIONAL, "train.class_balance=balanced", *SMALL_DATA]
-    proc = subprocess.run(cmd, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "ddp_report.json").read_text())
+    report = ddp_report(tmp_path / "run", 3, f"data.path={labelled_folder}", *TINY, *CONDITIONAL,
+                        "train.class_balance=balanced", *SMALL_DATA)
     assert len(report) == 6 and all(r["equal"] for r in report)
 
 

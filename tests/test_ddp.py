@@ -4,37 +4,20 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
-import sys
 import time
 from contextlib import ExitStack
 
 import pytest
 
-from helpers import REPO, TINY, assert_identical, cli_env, final_weights, hpcgan_cmd, train_args
+from helpers import (TINY, assert_identical, cli_env, ddp_report, final_weights, free_port, hpcgan_cmd, torchrun,
+                     train_args)
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", *args]
-    return subprocess.run(cmd, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-
-
 def test_ranks_hold_equal_weights_after_every_step(image_folder, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    proc = torchrun(str(REPO / "tests" / "ddp_worker.py"), str(out), "5", f"data.path={image_folder}", *TINY)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "ddp_report.json").read_text())
+    report = ddp_report(tmp_path / "run", 5, f"data.path={image_folder}", *TINY)
     assert len(report) == 10 and all(r["equal"] for r in report)
     norms = [r["norm"] for r in report if r["net"] == "G"]
     assert len(set(norms)) == 5, "G did not change between steps"
@@ -44,7 +27,7 @@ def test_ddp_checkpoint_and_resume_is_exact(image_folder, tmp_path):
     sets = [a for kv in [*TINY, "checkpoint.every=3"] for a in ("--set", kv)]
 
     def train(out, steps):
-        proc = torchrun("-m", "hpcgan", "train", "--data", str(image_folder), "--out", str(out),
+        proc = torchrun(2, "-m", "hpcgan", "train", "--data", str(image_folder), "--out", str(out),
                         "--set", f"train.steps={steps}", *sets)
         assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,8 @@ from torch import nn
 
 import hpcgan.metrics as M
 from hpcgan.metrics.msssim import MS_SSIM_WEIGHTS, ms_ssim_scales
+
+from helpers import free_port
 
 SIZE = 32
 # The tests write TorchScript files the way users export them; torch 2.x flags that API as deprecated.
@@ -390,15 +391,9 @@ def _worker(rank: int, world: int, port: int, weights: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path: Path, inception_file: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(inception_file), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(inception_file), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert results[0] == results[1]
     assert (tmp_path / "error0.txt").is_file()  # rank 0's own error

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import torch
 
 from data_factories import make_shards
 from ddp_worker import indexed_images, record_samples
-from helpers import REPO, TINY, assert_identical, cli_env, final_weights, make_trainer
+from helpers import REPO, TINY, assert_identical, final_weights, make_trainer, torchrun
 from hpcgan.augment import AugmentPipe
 from hpcgan.config import AugmentConfig, DataConfig
 from hpcgan.data import build_reader, load_split
@@ -117,18 +114,6 @@ def test_resume_on_new_world_carries_global_state(tmp_path: Path) -> None:
     assert pipes[0]["signs"].tolist() == [4.0, 8.0] and pipes[1]["signs"].tolist() == [0.0, 0.0]
     assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
     assert torch.equal(pipes[0]["rng"], pipes[2]["rng"]) and not torch.equal(pipes[0]["rng"], pipes[1]["rng"])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", *args]
-    return subprocess.run(cmd, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
