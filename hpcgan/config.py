@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "dcgan"  # dcgan | stylegan2 (one module each under hpcgan/models/)
+    arch: str = "dcgan"  # dcgan | fastgan | stylegan2 (one module each under hpcgan/models/)
     resolution: int = 64  # 64 * 2**k; each doubling adds one up/down block
     nz: int = 100  # latent size (z)
     channels: int = 1
@@ -150,7 +150,7 @@ class Config:
         if res < 64 or res & (res - 1):
             raise ConfigError(f"model.resolution={res}: must be 64 * 2**k (64, 128, 256, ...)")
         choices = {
-            "model.arch": (self.model.arch, {"dcgan", "stylegan2"}),
+            "model.arch": (self.model.arch, {"dcgan", "fastgan", "stylegan2"}),
             "data.reader": (self.data.reader, {"auto", "memory", "webdataset", "dali"}),
             "train.mixed_precision": (self.train.mixed_precision, {"auto", "no", "bf16", "fp16"}),
             "train.loss": (self.train.loss, {"logistic", "hinge"}),

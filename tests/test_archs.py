@@ -13,10 +13,12 @@ from helpers import TINY, assert_identical, ddp_report, final_weights, make_trai
 # Tiny StyleGAN2: a few thousand parameters, seconds per step on 2 CPU cores.
 STYLEGAN2 = ["model.arch=stylegan2", "model.channel_base=256", "model.channel_max=16", "model.w_dim=32",
              "model.mapping_layers=2", "model.nz=32"]
+FASTGAN = ["model.arch=fastgan", "train.loss=hinge"]
 ARCHS = {
     "dcgan": [],
     "dcgan-sn-hinge": ["model.spectral_norm=true", "train.loss=hinge"],
     "stylegan2": STYLEGAN2,
+    "fastgan": FASTGAN,
 }
 SMALL_DATA = ["augment.mode=ada", "augment.p=0.2", "augment.interval=2", "augment.speed_images=64",
               "train.r1_gamma=1.0", "train.r1_every=3"]
@@ -76,6 +78,7 @@ def test_stylegan2_at_256_px_trains_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_stylegan2_ranks_hold_equal_weights_under_ddp(image_folder, tmp_path):
-    report = ddp_report(tmp_path / "run", 4, f"data.path={image_folder}", *TINY, *STYLEGAN2, *SMALL_DATA)
+@pytest.mark.parametrize("arch_sets", [STYLEGAN2, FASTGAN], ids=["stylegan2", "fastgan"])
+def test_ranks_hold_equal_weights_under_ddp(arch_sets, image_folder, tmp_path):
+    report = ddp_report(tmp_path / "run", 4, f"data.path={image_folder}", *TINY, *arch_sets, *SMALL_DATA)
     assert len(report) == 8 and all(r["equal"] for r in report)

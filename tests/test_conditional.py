@@ -20,13 +20,14 @@ from hpcgan.train.samples import grid_labels
 
 from helpers import (TINY, assert_identical, ddp_report, final_weights, make_trainer, train_args,
                      write_image_folder)
-from test_archs import SMALL_DATA, STYLEGAN2
+from test_archs import FASTGAN, SMALL_DATA, STYLEGAN2
 
 CLASSES = ("axial", "coronal", "sagittal")
 MODELS = {
     "dcgan": ["model.ngf=8", "model.ndf=8"],
     "dcgan-sn": ["model.ngf=8", "model.ndf=8", "model.spectral_norm=true"],
     "stylegan2": STYLEGAN2,
+    "fastgan": FASTGAN,
 }
 CONDITIONAL = ["model.conditional=true"]
 
@@ -70,6 +71,7 @@ ADDED = {
     "dcgan": ({"embed.weight"}, {"project.weight"}, "net.0.weight"),
     "dcgan-sn": ({"embed.weight"}, SN_PROJECTION, "net.0.weight"),
     "stylegan2": ({"mapping.embed.weight"}, {"project.weight"}, "mapping.layers.0.weight"),
+    "fastgan": ({"embed.weight"}, SN_PROJECTION, "initial.0.weight"),
 }
 
 
@@ -131,6 +133,7 @@ def test_resolved_class_count_is_saved_and_rebuilds_a_conditional_generator(labe
 CONDITIONAL_RESUME = {
     "dcgan": ["model.spectral_norm=true", "train.loss=hinge", "train.class_balance=balanced"],
     "stylegan2": [*STYLEGAN2, *SMALL_DATA],
+    "fastgan": [*FASTGAN, *SMALL_DATA],
 }
 
 
@@ -155,9 +158,9 @@ def test_resume_refuses_data_whose_classes_changed(labelled_folder, tmp_path):
         make_trainer(renamed, out, *CONDITIONAL, "train.steps=2").fit()
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "stylegan2"])
+@pytest.mark.parametrize("arch", ["dcgan", "stylegan2", "fastgan"])
 def test_conditional_bf16_autocast_steps_are_finite(arch, labelled_folder, tmp_path):
-    trainer = make_trainer(labelled_folder, tmp_path / "run", *CONDITIONAL, *(STYLEGAN2 if arch == "stylegan2" else []),
+    trainer = make_trainer(labelled_folder, tmp_path / "run", *CONDITIONAL, *MODELS[arch],
                            *SMALL_DATA, "train.mixed_precision=bf16", "train.steps=2")
     assert trainer.fit() == 0
     assert all(torch.isfinite(p).all() for p in [*trainer.generator.parameters(), *trainer.discriminator.parameters()])

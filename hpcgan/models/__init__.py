@@ -16,6 +16,7 @@ from hpcgan.config import ModelConfig
 
 ARCHS = {
     "dcgan": "hpcgan.models.dcgan",
+    "fastgan": "hpcgan.models.fastgan",
     "stylegan2": "hpcgan.models.stylegan2",
 }
 

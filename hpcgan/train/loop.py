@@ -70,6 +70,7 @@ class Trainer:
         # have to agree mid-step.
         self._abortable = self.device.type == "cpu" and self.world == 1
         self._buffers = [*generator.buffers(), *discriminator.buffers()]
+        self._self_supervised = getattr(discriminator, "self_supervised", False)
         self._saved_step = -1
         self.report = Reporter(cfg, self.run, self.device, self.is_main)
 
@@ -150,10 +151,15 @@ class Trainer:
         self._abort_point()
         do_r1 = tcfg.r1_gamma > 0 and self.state.step % tcfg.r1_every == 0
         real = real.detach().requires_grad_(do_r1)
-        real_logits = self.D(self._see(real), labels)
+        if self._self_supervised:  # D also learns to redraw real slices (fastgan)
+            real_logits, reconstruction = self.D(self._see(real), labels, reconstruct=True)
+        else:
+            real_logits, reconstruction = self.D(self._see(real), labels), None
         fake_logits = self.D(self._see(fake.detach()), fake_y)
         self._abort_point()
         loss_d = d_loss(real_logits, fake_logits, tcfg.loss)
+        if reconstruction is not None:
+            loss_d = loss_d + reconstruction
         if do_r1:
             scale = self.acc.scaler.get_scale() if self.acc.scaler is not None else 1.0
             loss_d = loss_d + r1_penalty(real_logits, real, scale) * (tcfg.r1_gamma / 2 * tcfg.r1_every)
