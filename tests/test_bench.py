@@ -178,33 +178,42 @@ def test_bench_keeps_quality_and_throughput_options_apart():
 
 
 @pytest.mark.slow
-def test_quality_bench_writes_curves_floors_and_figures(tmp_path):
+def test_quality_bench_races_presets_and_writes_curves_floors_and_figures(tmp_path):
     shards = tmp_path / "shards"
     make_shards(shards, n_train=256, n_val=48, sizes=(64,))
     out = tmp_path / "out" / "quality.json"
     proc = run_cli("bench", "--quality", "--budget", "8", "--every", "4", "--quality-samples", "64",
-                   "--data", str(shards), "--set", "model.ngf=8", "--set", "model.ndf=8", "--json", str(out),
-                   "--workdir", str(tmp_path / "work"), timeout=900, HPCGAN_CACHE=str(tmp_path / "cache"))
+                   "--quality-preset", "quickstart,fastgan", "--data", str(shards), "--set", "model.ngf=8",
+                   "--set", "model.ndf=8", "--json", str(out), "--workdir", str(tmp_path / "work"), timeout=900,
+                   HPCGAN_CACHE=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    q = result["quality"]
-    assert q["budget_s"] == 8 and q["preset"] == "quickstart" and q["config"]["model"]["ngf"] == 8
+    q, loops = result["quality"], result["quality"]["loops"]
+    assert q["budget_s"] == 8 and q["presets"] == ["quickstart", "fastgan"] and list(loops) == ["reference", *q["presets"]]
+    assert q["configs"]["fastgan"]["model"]["arch"] == "fastgan" and q["configs"]["quickstart"]["model"]["ngf"] == 8
     assert result["device"]["type"] and result["versions"]["torch"]
-    for side in ("reference", "hpcgan"):
-        curve = q[side]["curve"]
+    for side, loop in loops.items():
+        curve = loop["curve"]
         assert len(curve) >= 2 and curve[0]["seconds"] == 0 and curve[-1]["seconds"] >= 8
         assert [p["seconds"] for p in curve] == sorted(p["seconds"] for p in curve)
-        assert q[side]["swd"] == curve[-1]["swd"] > 0 and 0 <= q[side]["msssim"] <= 1
-        assert 0 <= q[side]["memorization"]["memorization"] <= 1
-    assert q["reference"]["settings"]["batch"] == 128
-    assert 0 < q["floor_swd"] < q["reference"]["curve"][0]["swd"] and q["floor_halves_swd"] > 0
-    reached = q["seconds_to_reference_swd"]
-    assert reached is None or 0 <= reached <= q["hpcgan"]["train_s"]
-    # No feature space was cached for these shards: the bench trained their offline encoder and scored PR in it.
+        assert loop["swd"] == curve[-1]["swd"] > 0 and 0 <= loop["msssim"] <= 1
+        assert 0 <= loop["memorization"]["memorization"] <= 1
+        # No feature space was cached for these shards: the bench trained their offline encoder and scored PR in it.
+        assert all(0 <= loop[key] <= 1 for key in ("precision", "recall"))
+    assert loops["reference"]["settings"]["batch"] == 128
+    assert 0 < q["floor_swd"] < loops["reference"]["curve"][0]["swd"] and q["floor_halves_swd"] > 0
+    for name in q["presets"]:
+        reached = loops[name]["seconds_to_reference_swd"]
+        assert reached is None or 0 <= reached <= loops[name]["train_s"]
+    assert q["best_preset"] == min(q["presets"], key=lambda name: loops[name]["swd"])
     assert q["pr"]["feature_space"].startswith("ssl-enc-") and 0 <= q["floor_recall"] <= 1
-    assert all(0 <= q[side][key] <= 1 for side in ("reference", "hpcgan") for key in ("precision", "recall"))
     for name in ("swd", "samples"):
         with Image.open(q["figures"][name]) as png:
             png.verify()
         assert q["figures"][name].endswith(f"quality-{name}.png")
-    assert "Time to quality" in proc.stdout and "real floor" in proc.stdout
+    assert "Time to quality" in proc.stdout and "real floor" in proc.stdout and "lowest final SWD" in proc.stdout
+
+
+def test_quality_presets_must_have_distinct_names():
+    proc = run_cli("bench", "--quality", "--quality-preset", "quickstart,quickstart")
+    assert proc.returncode == 2 and "distinct names" in proc.stderr, proc.stderr

@@ -41,11 +41,11 @@ QUALITY_BUDGET_S = {"quick": 60.0, "cpu": 600.0, "cuda": 120.0}  # training seco
 
 @dataclass(frozen=True)
 class QualityPlan:
-    """`hpcgan bench --quality`: both loops for the same training seconds, then every snapshot scored."""
+    """`hpcgan bench --quality`: every loop for the same training seconds, then every snapshot scored."""
 
     mode: str  # quick | full
     data: str | None
-    preset: str  # hpcgan's config: a preset name under hpcgan/configs or a YAML file
+    presets: tuple[str, ...]  # hpcgan's configs raced against the reference: preset names or YAML files
     budget_s: float | None  # None: QUALITY_BUDGET_S by mode, then by device
     every_s: float | None  # None: a tenth of the budget
     samples: int  # fixed latents per snapshot, the same for both loops

@@ -1,11 +1,11 @@
-"""`hpcgan bench --quality`: how soon hpcgan's recommended preset reaches the quality the classic loop reaches.
+"""`hpcgan bench --quality`: how soon hpcgan's presets reach the quality the classic loop reaches.
 
 Throughput alone can mislead: a faster step that learns less per image gains nothing. Here the classic
-loop (`reference`: main.py's arithmetic, fp32, BCE, batch 128) and hpcgan's preset train on the same
-slices for the same training seconds, one after the other, each in a fresh process (`timed`), which
-snapshots samples of fixed latents with the clock paused. Afterwards every snapshot is scored against
-held-out real slices under one protocol, the real-vs-real floors under the same protocol, and the
-seconds hpcgan needed to reach the classic loop's final SWD are read off its curve.
+loop (`reference`: main.py's arithmetic, fp32, BCE, batch 128) and one or more of hpcgan's presets train
+on the same slices for the same training seconds, one after the other, each in a fresh process (`timed`),
+which snapshots samples of fixed latents with the clock paused. Afterwards every snapshot is scored
+against held-out real slices under one protocol, the real-vs-real floors under the same protocol, and
+the seconds each preset needed to reach the classic loop's final SWD are read off its curve.
 """
 
 from __future__ import annotations
@@ -34,16 +34,16 @@ from hpcgan.bench.flops import device_name
 from hpcgan.bench.images import BenchImages, bench_images
 from hpcgan.bench.plan import QualityPlan
 from hpcgan.bench.suite import package_versions
-from hpcgan.bench.throughput import REFERENCE
+from hpcgan.bench.throughput import REFERENCE as REFERENCE_LOOP
 from hpcgan.bench.timed import INDEX
-from hpcgan.config import Config, build_config, to_dict
+from hpcgan.config import Config, ConfigError, build_config, to_dict
 from hpcgan.data import DataError, load_images, load_split
 from hpcgan.data.pixels import to_unit
 from hpcgan.metrics.registry import NO_FEATURES
 
 log = logging.getLogger(__name__)
 
-SIDES = ("reference", "hpcgan")
+REFERENCE = "reference"
 REFERENCE_BATCH = 128
 SWD_SETS = 4  # at most this many disjoint sets of generated slices per SWD, averaged
 INTERPOLATION = "linear between the two snapshots around the crossing"
@@ -205,19 +205,26 @@ def measure_quality(plan: QualityPlan, workdir: Path,
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     budget, every = plan.budget(device.type), plan.every(device.type)
-    resolution = build_config(files=[plan.preset], overrides=plan.overrides).model.resolution
+    resolutions = {build_config(files=[p], overrides=plan.overrides).model.resolution for p in plan.presets}
+    if len(resolutions) > 1:
+        raise ConfigError(f"presets {', '.join(plan.presets)} train at different resolutions {sorted(resolutions)}: "
+                          "race presets of one resolution (or --set model.resolution=...)")
+    (resolution,) = resolutions
     progress(f"{resolution}px: preparing images")
     images = bench_images(plan.data, resolution, workdir)
     real = real_sets(images, plan.seed)
     scored_count(real, plan.samples)
-    cfg = build_config(files=[plan.preset], overrides=[*plan.overrides, f"data.path={images.path}"])
+    configs = {Path(p).stem: build_config(files=[p], overrides=[*plan.overrides, f"data.path={images.path}"])
+               for p in plan.presets}
+    cfg = next(iter(configs.values()))
     reference_cfg = _reference_config(cfg, plan.overrides)
-    labels = {"reference": REFERENCE, "hpcgan": f"hpcgan ({Path(plan.preset).stem})"}
+    sides = [REFERENCE, *configs]
+    labels = {REFERENCE: REFERENCE_LOOP, **{name: f"hpcgan ({name})" for name in configs}}
     common = {"budget_s": budget, "every_s": every, "samples": plan.samples, "seed": plan.seed}
-    specs = {"reference": {"side": "reference", "config": to_dict(reference_cfg), "root": str(images.reference_root)},
-             "hpcgan": {"side": "hpcgan", "config": to_dict(cfg)}}
+    specs = {REFERENCE: {"side": "reference", "config": to_dict(reference_cfg), "root": str(images.reference_root)},
+             **{name: {"side": "hpcgan", "config": to_dict(c)} for name, c in configs.items()}}
     runs = {}
-    for side in SIDES:
+    for side in sides:
         progress(f"{labels[side]}: {budget:g} s of training, a snapshot of {plan.samples} samples every {every:g} s")
         runs[side] = _run_side({**specs[side], **common, "folder": str(workdir / "quality" / side)})
 
@@ -229,39 +236,43 @@ def measure_quality(plan: QualityPlan, workdir: Path,
         "swd_sets": scorer.sets, "seed": plan.seed,
         "data": {"origin": images.origin, "train": len(real.train), "heldout": len(real.heldout),
                  "heldout_split": real.heldout_split},
-        "preset": plan.preset, "overrides": plan.overrides, "config": to_dict(cfg),
+        "presets": list(configs), "overrides": plan.overrides,
+        "configs": {name: to_dict(c) for name, c in configs.items()},
         "pr": {"feature_space": space} if extractor is not None else {"skipped": space},
         "notes": ["training seconds exclude sampling and the writing of snapshots (the clock is paused); "
-                  "the first step's warm-up (and compilation, if the preset compiles) counts",
-                  f"the preset's train.steps/epochs do not apply: both loops train for {budget:g} s"],
+                  "the first step's warm-up (and compilation, if a preset compiles) counts",
+                  f"the presets' train.steps/epochs do not apply: every loop trains for {budget:g} s"],
     }
     if real.heldout_split != "val":
         quality["notes"].append("no held-out split: scored against a random half of the training slices")
-    finals = {}
-    for side in SIDES:
+    finals, loops = {}, {}
+    for side in sides:
         folder = workdir / "quality" / side
         curve = []
         for point in runs[side]["points"]:
             fake = torch.load(folder / point["file"])
             curve.append({key: point[key] for key in ("seconds", "step", "images_seen")} | scorer.score(fake))
         finals[side] = fake
-        quality[side] = _side_summary(labels[side], runs[side], curve)
-        quality[side]["memorization"] = scorer.memorization(fake)
+        loops[side] = _side_summary(labels[side], runs[side], curve)
+        loops[side]["memorization"] = scorer.memorization(fake)
         if runs[side]["diverged"]:
             quality["notes"].append(f"{labels[side]} diverged (non-finite statistics) by step "
                                     f"{runs[side]['diverged']['step']}: its curve ends at the last finite snapshot")
     m = reference_cfg.model
-    quality["reference"]["settings"] = {"batch": REFERENCE_BATCH, "nz": m.nz, "ngf": m.ngf, "ndf": m.ndf,
-                                        "lr": reference_cfg.train.lr, "beta1": reference_cfg.train.beta1,
-                                        "loss": "BCE (Sigmoid + BCELoss)", "workers": 2}
+    loops[REFERENCE]["settings"] = {"batch": REFERENCE_BATCH, "nz": m.nz, "ngf": m.ngf, "ndf": m.ndf,
+                                    "lr": reference_cfg.train.lr, "beta1": reference_cfg.train.beta1,
+                                    "loss": "BCE (Sigmoid + BCELoss)", "workers": 2}
+    quality["loops"] = loops
     quality.update(scorer.floors())
-    target = quality["reference"]["swd"]
-    if target >= quality["reference"]["curve"][0]["swd"]:
+    target = loops[REFERENCE]["swd"]
+    if target >= loops[REFERENCE]["curve"][0]["swd"]:
         quality["notes"].append("the reference ended no better than its untrained generator (SWD); the budget is "
                                 "too short to compare the loops")
-    reached = seconds_to_reach([(p["seconds"], p["swd"]) for p in quality["hpcgan"]["curve"]], target)
-    quality["seconds_to_reference_swd"] = reached
-    quality["speedup_to_reference_swd"] = quality["reference"]["train_s"] / reached if reached else None
+    for name in configs:
+        reached = seconds_to_reach([(p["seconds"], p["swd"]) for p in loops[name]["curve"]], target)
+        loops[name]["seconds_to_reference_swd"] = reached
+        loops[name]["speedup_to_reference_swd"] = loops[REFERENCE]["train_s"] / reached if reached else None
+    quality["best_preset"] = min(configs, key=lambda name: loops[name]["swd"])
     quality["interpolation"] = INTERPOLATION
     quality["elapsed_s"] = time.perf_counter() - start
     result = {"mode": plan.mode, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -281,12 +292,12 @@ def table(result: dict[str, Any]) -> str:
              f"({result['device']['name']}), {data['train']} training slices ({data['origin']})",
              f"scored against {q['eval_images']} held-out slices ({data['heldout_split']}); SWD x1e3, mean over "
              f"levels and over {q['swd_sets']} set(s) of {q['eval_images']} samples", ""]
-    pr = "precision" in q["hpcgan"]
+    loops = q["loops"]
+    pr = "precision" in loops[REFERENCE]
     head = f"{'':<36}{'train s':>8}{'steps':>7}{'img/s':>8}{'SWD':>8}{'MS-SSIM':>9}"
     head += f"{'prec':>7}{'recall':>7}" if pr else ""
     lines.append(head + f"{'memorized':>10}")
-    for side in SIDES:
-        s = q[side]
+    for s in loops.values():
         row = (f"{s['loop'] + ', ' + s['train_precision']:<36}{s['train_s']:>8.1f}{s['steps']:>7}"
                f"{s['images_per_s'] or 0:>8.1f}{s['swd']:>8.2f}{s['msssim']:>9.3f}")
         row += f"{s['precision']:>7.3f}{s['recall']:>7.3f}" if pr else ""
@@ -297,18 +308,23 @@ def table(result: dict[str, Any]) -> str:
     lines += [floor, f"{'real floor: halves of train':<36}{blank}{q['floor_halves_swd']:>8.2f}", ""]
     if not pr:
         lines.append(f"precision/recall skipped: {q['pr']['skipped']}")
-    lines.append(f"{'snapshot':<10}{'reference s':>12}{'SWD':>8}{'hpcgan s':>12}{'SWD':>8}")
-    for i, (ref, ours) in enumerate(zip_longest(q["reference"]["curve"], q["hpcgan"]["curve"])):
-        cells = [f"{p['seconds']:>12.1f}{p['swd']:>8.2f}" if p else " " * 20 for p in (ref, ours)]
+    lines.append(f"{'snapshot':<10}" + "".join(f"{name[:10] + ' s':>12}{'SWD':>8}" for name in loops))
+    for i, points in enumerate(zip_longest(*(s["curve"] for s in loops.values()))):
+        cells = [f"{p['seconds']:>12.1f}{p['swd']:>8.2f}" if p else " " * 20 for p in points]
         lines.append(f"{i:<10}{''.join(cells)}")
-    reached, target = q["seconds_to_reference_swd"], q["reference"]["swd"]
-    if reached is None:
-        lines.append(f"\nhpcgan did not reach the reference's final SWD ({target:.2f}) within "
-                     f"{q['hpcgan']['train_s']:.0f} s of training")
-    else:
-        sooner = q["speedup_to_reference_swd"]
-        lines.append(f"\nhpcgan reached the reference's final SWD ({target:.2f}) after {reached:.1f} s of training"
-                     + (f", {sooner:.1f}x sooner" if sooner else "") + f" ({INTERPOLATION})")
+    target = loops[REFERENCE]["swd"]
+    lines.append("")
+    for name in q["presets"]:
+        s, reached = loops[name], loops[name]["seconds_to_reference_swd"]
+        if reached is None:
+            lines.append(f"{s['loop']} did not reach the reference's final SWD ({target:.2f}) within "
+                         f"{s['train_s']:.0f} s of training")
+        else:
+            sooner = s["speedup_to_reference_swd"]
+            lines.append(f"{s['loop']} reached the reference's final SWD ({target:.2f}) after {reached:.1f} s of "
+                         f"training" + (f", {sooner:.1f}x sooner" if sooner else "") + f" ({INTERPOLATION})")
+    if len(q["presets"]) > 1:
+        lines.append(f"lowest final SWD at equal training time: {q['best_preset']}")
     lines += [f"note: {note}" for note in q["notes"]]
     return "\n".join(lines)
 
@@ -326,8 +342,8 @@ def _grid(images: torch.Tensor, count: int = 64, pad: int = 2) -> np.ndarray:
 
 
 def write_figures(result: dict[str, Any], finals: dict[str, torch.Tensor], base: Path) -> dict[str, str]:
-    """`<base>-swd.png` (SWD over training seconds, both loops, the floors) and `<base>-samples.png`
-    (both loops' final samples side by side, labelled)."""
+    """`<base>-swd.png` (SWD over training seconds, every loop, the floors) and `<base>-samples.png`
+    (every loop's final samples side by side, labelled)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter
 
@@ -335,14 +351,15 @@ def write_figures(result: dict[str, Any], finals: dict[str, torch.Tensor], base:
     paths = {"swd": base.with_name(base.name + "-swd.png"), "samples": base.with_name(base.name + "-samples.png")}
     fig = Figure(figsize=(8, 5), dpi=120, layout="constrained")
     ax = fig.add_subplot()
-    for side, style in zip(SIDES, ("o-", "s-")):
-        curve = q[side]["curve"]
-        ax.plot([p["seconds"] for p in curve], [p["swd"] for p in curve], style, label=q[side]["loop"])
+    loops = q["loops"]
+    for s, style in zip(loops.values(), ("o-", "s-", "^-", "v-", "d-", "p-")):
+        ax.plot([p["seconds"] for p in s["curve"]], [p["swd"] for p in s["curve"]], style, label=s["loop"])
     ax.axhline(q["floor_swd"], color="black", linestyle="--", label="real floor: train vs held-out")
     ax.axhline(q["floor_halves_swd"], color="grey", linestyle=":", label="real floor: halves of train")
-    if q["seconds_to_reference_swd"] is not None:
-        ax.plot([q["seconds_to_reference_swd"]], [q["reference"]["swd"]], "kx", markersize=10,
-                label=f"hpcgan at the reference's final SWD: {q['seconds_to_reference_swd']:.0f} s")
+    for name in q["presets"]:
+        if (reached := loops[name]["seconds_to_reference_swd"]) is not None:
+            ax.plot([reached], [loops[REFERENCE]["swd"]], "kx", markersize=10,
+                    label=f"{name} at the reference's final SWD: {reached:.0f} s")
     ax.set(yscale="log", xlabel="training seconds (sampling excluded)", ylabel="SWD x1e3 (mean over levels)",
            title=f"Time to quality on {result['device']['type']}: {q['budget_s']:g} s per loop")
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
@@ -351,11 +368,10 @@ def write_figures(result: dict[str, Any], finals: dict[str, torch.Tensor], base:
     ax.legend()
     fig.savefig(paths["swd"])
 
-    fig = Figure(figsize=(12, 6.6), dpi=120, layout="constrained")
-    for i, side in enumerate(SIDES):
-        ax = fig.add_subplot(1, 2, i + 1)
+    fig = Figure(figsize=(6 * len(loops), 6.6), dpi=120, layout="constrained")
+    for i, (side, s) in enumerate(loops.items()):
+        ax = fig.add_subplot(1, len(loops), i + 1)
         ax.imshow(_grid(finals[side]), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        s = q[side]
         ax.set_title(f"{s['loop']}\nafter {s['train_s']:.0f} s ({s['steps']} steps), SWD {s['swd']:.2f}")
         ax.axis("off")
     fig.savefig(paths["samples"])

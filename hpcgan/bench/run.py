@@ -70,8 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               f"{QUALITY_BUDGET_S['cuda']:g} on a GPU, {QUALITY_BUDGET_S['quick']:g} with --quick)")
     quality.add_argument("--every", type=float, metavar="SECONDS",
                          help="training seconds between sample snapshots (default: budget / 10)")
-    quality.add_argument("--quality-preset", metavar="NAME_OR_YAML",
-                         help="hpcgan's config: a preset under hpcgan/configs or a YAML file (default quickstart)")
+    quality.add_argument("--quality-preset", metavar="NAME_OR_YAML[,...]",
+                         help="hpcgan's configs to race against the reference, comma-separated: presets under "
+                              "hpcgan/configs or YAML files (default quickstart; e.g. quickstart,fastgan)")
     quality.add_argument("--quality-samples", type=int, metavar="N",
                          help="samples of fixed latents per snapshot, the same for both loops (default 512)")
 
@@ -86,6 +87,15 @@ def _given(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
     return [flag for key, flag in flags.items() if getattr(args, key) not in (None, False, [])]
 
 
+def _presets(text: str) -> tuple[str, ...]:
+    presets = tuple(p.strip() for p in text.split(",") if p.strip())
+    names = [Path(p).stem for p in presets]
+    if not presets or len(set(names)) < len(names) or "reference" in names:
+        raise ConfigError(f"--quality-preset {text!r}: give one or more presets with distinct names, none "
+                          "called 'reference'")
+    return presets
+
+
 def make_quality_plan(args: argparse.Namespace) -> QualityPlan:
     if given := _given(args, THROUGHPUT_FLAGS):
         raise ConfigError(f"{', '.join(given)}: throughput options, not used by --quality "
@@ -94,7 +104,7 @@ def make_quality_plan(args: argparse.Namespace) -> QualityPlan:
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             raise ConfigError(f"{QUALITY_FLAGS[key]} must be positive")
     return QualityPlan(mode="quick" if args.quick else "full", data=args.data,
-                       preset=args.quality_preset or "quickstart", budget_s=args.budget, every_s=args.every,
+                       presets=_presets(args.quality_preset or "quickstart"), budget_s=args.budget, every_s=args.every,
                        samples=args.quality_samples or 512, overrides=list(args.overrides))
 
 
