@@ -14,11 +14,13 @@ Everything is first written into `.tmp-step-0000120/`, fsynced, marked, then ren
 job killed at any moment leaves either a complete checkpoint or a temp folder that is ignored and
 cleaned up later. Loading always uses `torch.load(weights_only=True)`: no pickle from the run folder.
 
-Files are hashed from the bytes already in memory when they are written; every load first verifies the
-marker, sizes and hashes (`verify`), so a flipped byte in a tensor, a damaged zip header or a cut file is
-named in one line and the newest intact older checkpoint is used instead. SHA-1 serves as a checksum
-against storage damage, not as a defence against tampering: it is the fastest hash hashlib has here
-(with the CPU's SHA extensions about 3x BLAKE2b).
+Every file's content hash is taken from its bytes in memory as it is written, and every load first
+verifies the marker, sizes and hashes (`verify`): a flipped byte in a tensor, a damaged zip header or a
+cut file is named in one line, and the newest intact older checkpoint is used instead. The hash guards
+against storage damage, not tampering, and costs next to nothing: torch.save's zip writer already computes
+a CRC-32 of every record it stores (each tensor's bytes), so a torch file's hash is the SHA-1 of everything
+but the records' data (headers, names, those CRCs), and verifying also checks each record's data against
+its CRC. Text files (state, config) are hashed whole.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ import hashlib
 import io
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
+import struct
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +52,7 @@ MARKER = "COMPLETE"
 STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
 HASH = "sha1"
+HASH_SCHEME = "sha1, zip records by CRC-32"  # recorded in the marker, so a change of scheme is seen
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
@@ -74,8 +81,82 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _digest(data: bytes | memoryview) -> str:
-    return hashlib.new(HASH, data, usedforsecurity=False).hexdigest()
+def _records(data: bytes | memoryview | mmap.mmap) -> list[tuple[int, int, int]]:
+    """(start, end, CRC-32) of each stored record's data in a zip file's bytes; [] for anything else.
+    Raises zipfile.BadZipFile or struct.error on a damaged zip structure."""
+    if bytes(data[:4]) != b"PK\x03\x04":
+        return []
+    records = []
+    with _Reader(data) as reader, zipfile.ZipFile(reader) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                return []
+            name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)
+            start = info.header_offset + 30 + name_len + extra_len
+            records.append((start, start + info.compress_size, info.CRC))
+    return sorted(records)
+
+
+class _Reader(io.RawIOBase):
+    """A read-only, seekable file over bytes in memory or a mapped file, without copying them."""
+
+    def __init__(self, data: bytes | memoryview | mmap.mmap) -> None:
+        self._data, self._pos = memoryview(data), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset + (0, self._pos, len(self._data))[whence]
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._data[self._pos:self._pos + len(buffer)]
+        buffer[:len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def close(self) -> None:
+        self._data.release()
+        super().close()
+
+
+def _digest(data: bytes | memoryview | mmap.mmap, records: list[tuple[int, int, int]]) -> str:
+    """SHA-1 of `data` leaving out the records' data (each covered by its CRC-32, which is hashed)."""
+    view, digest, pos = memoryview(data), hashlib.new(HASH, usedforsecurity=False), 0
+    for start, end, _ in records:
+        digest.update(view[pos:start])
+        pos = end
+    digest.update(view[pos:])
+    return digest.hexdigest()
+
+
+def _content_problem(path: Path, recorded: str) -> str | None:
+    """What is wrong with a file's content against its recorded hash, or None."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return None if _digest(b"", []) == recorded else "hash check failed: differs from the recorded hash"
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                records = _records(data)
+            except (zipfile.BadZipFile, struct.error, ValueError, EOFError):
+                return "hash check failed: zip structure unreadable"
+            if _digest(data, records) != recorded:
+                return "hash check failed: differs from the recorded hash"
+            view = memoryview(data)
+            try:
+                for start, end, crc in records:
+                    if zlib.crc32(view[start:end]) != crc:
+                        return f"hash check failed: bytes {start}..{end} (a stored record) differ from their CRC-32"
+            finally:
+                view.release()
+    return None
 
 
 def _serialise(obj: Any) -> bytes | memoryview:
@@ -88,6 +169,11 @@ def _serialise(obj: Any) -> bytes | memoryview:
     return buffer.getbuffer()
 
 
+def file_hash(data: bytes | memoryview) -> str:
+    """The content hash `verify` checks a file against."""
+    return _digest(data, _records(data))
+
+
 def _write_bytes(data: bytes | memoryview, path: Path) -> None:
     with open(path, "wb") as handle:
         handle.write(data)
@@ -96,10 +182,10 @@ def _write_bytes(data: bytes | memoryview, path: Path) -> None:
 
 
 def _write(obj: Any, path: Path, hashed: bool = True) -> str | None:
-    """Write `obj` fsynced; returns the content hash of what was written (None when `hashed` is off)."""
+    """Write `obj` fsynced; returns its content hash, taken from the bytes in memory (None: `hashed` off)."""
     data = _serialise(obj)
     _write_bytes(data, path)
-    return _digest(data) if hashed else None
+    return file_hash(data) if hashed else None
 
 
 def _write_text(text: str, path: Path) -> None:
@@ -134,9 +220,9 @@ def verify(folder: Path) -> str | None:
     try:
         marker = json.loads((folder / MARKER).read_text())
         sizes, digests = marker["files"], marker.get("digests", {})
-        algorithm = marker.get("hash", HASH)
         checks = [(str(name), int(size), digests.get(name)) for name, size in sizes.items()]
-        hashlib.new(algorithm)
+        if digests and marker.get("hash") != HASH_SCHEME:
+            raise ValueError(f"hash scheme {marker.get('hash')!r}")
     except FileNotFoundError:
         return f"{MARKER}: missing marker"
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
@@ -147,10 +233,8 @@ def verify(folder: Path) -> str | None:
             actual = path.stat().st_size
             if actual != size:
                 return f"{name}: size {actual} bytes, recorded {size}"
-            if digest is not None:
-                with open(path, "rb") as handle:
-                    if hashlib.file_digest(handle, algorithm).hexdigest() != digest:
-                        return f"{name}: {algorithm} hash differs from the recorded one"
+            if digest is not None and (problem := _content_problem(path, digest)) is not None:
+                return f"{name}: {problem}"
         except FileNotFoundError:
             return f"{name}: missing"
         except OSError as err:
@@ -316,8 +400,7 @@ class CheckpointManager:
         digests: dict[str, str | None] = {}
         if self.agree(error is None) and not already:
             try:
-                for name, obj in files.items():
-                    digests[name] = _write(obj, tmp / name, self.hashing)
+                digests = {name: _write(obj, tmp / name, self.hashing) for name, obj in files.items()}
             except OSError as err:
                 error = err
         if self.agree(error is None) and self.is_main:
@@ -342,9 +425,8 @@ class CheckpointManager:
         if self.hashing:
             for name in listing:
                 if digests.get(name) is None:
-                    with open(tmp / name, "rb") as handle:
-                        digests[name] = hashlib.file_digest(handle, HASH).hexdigest()
-            marker.update(hash=HASH, digests={name: digests[name] for name in listing})
+                    digests[name] = file_hash((tmp / name).read_bytes())
+            marker.update(hash=HASH_SCHEME, digests={name: digests[name] for name in listing})
         _write_text(json.dumps(marker, indent=1), tmp / MARKER)
         _fsync_dir(tmp)
         os.rename(tmp, final)
