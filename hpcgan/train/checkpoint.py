@@ -353,7 +353,8 @@ class CheckpointManager:
         newer is reported in one warning line. With `at_most`, best/ is the last resort (older steps may
         be pruned). Not a collective: see `latest`."""
         candidates = [f for f in reversed(self.step_folders()) if at_most is None or step_of(f) <= at_most]
-        if at_most is not None and self.best is not None and (step_of(self.best) or at_most + 1) <= at_most:
+        best_step = step_of(self.best) if at_most is not None and self.best is not None else None
+        if best_step is not None and best_step <= at_most:
             candidates.append(self.best)
         for folder in candidates:
             problem = verify(folder)
