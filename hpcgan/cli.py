@@ -1,4 +1,4 @@
-"""`hpcgan prepare | train | sample | evaluate | bench`: thin argument parsing over the package."""
+"""`hpcgan prepare | train | sample | evaluate | bench | checkpoint verify`: thin argument parsing over the package."""
 
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ MODULE_COMMANDS = {
     "features": ("hpcgan.features", "train the offline feature space (FD/KID/PR without Inception) of a shard folder"),
     "bench": ("hpcgan.bench.run", "measure throughput (or, with --quality, time to quality) against the classic DCGAN loop"),
     "report": ("hpcgan.report", "write one self-contained HTML report of a run (curves, samples, evaluation, data)"),
+    "checkpoint": ("hpcgan.verify", "verify a run's checkpoints (sizes and content hashes): `checkpoint verify RUN`"),
 }
 
 

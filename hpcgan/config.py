@@ -8,6 +8,7 @@ with a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -85,6 +86,17 @@ class TrainConfig:
     r1_every: int = 16  # lazy R1: the penalty every N steps, scaled by N
     ema_half_life_images: int = 0  # > 0: EMA decay per step from this half-life in images (overrides ema_decay)
     class_balance: str = "data"  # conditional: fake labels as the real batch's (data) | uniform over classes (balanced)
+    # Divergence guard (docs/training.md): a step with a non-finite loss or gradient is skipped and counted;
+    # max_bad_steps of them in a row, or D saturated while metrics.best stays worse than its best by
+    # divergence_margin (relative) for divergence_patience evaluations, roll back to the last good checkpoint
+    # with the learning rates times rollback_lr_factor; after max_rollbacks rollbacks the run gives up (exit 1).
+    guard: bool = True
+    max_bad_steps: int = 10
+    divergence_patience: int = 3
+    divergence_margin: float = 0.5
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+    inject_nan_step: int | None = None  # test hook: the losses of this step are made NaN (not again after a rollback)
 
 
 @dataclass
@@ -192,7 +204,26 @@ class Config:
                            "model.conditional": self.model.conditional}.items():
             if value < 0:
                 raise ConfigError(f"{key}={value}: must be >= 0")
+        self._validate_guard()
         return self
+
+    def _validate_guard(self) -> None:
+        for key, value in flatten(self).items():
+            if isinstance(value, float) and math.isnan(value):
+                raise ConfigError(f"{key}=nan: must be a number")
+        t = self.train
+        for key, value in {"train.max_bad_steps": t.max_bad_steps,
+                           "train.divergence_patience": t.divergence_patience}.items():
+            if value < 1:
+                raise ConfigError(f"{key}={value}: must be >= 1")
+        if t.max_rollbacks < 0 or t.divergence_margin < 0:
+            key, value = ("train.max_rollbacks", t.max_rollbacks) if t.max_rollbacks < 0 else \
+                ("train.divergence_margin", t.divergence_margin)
+            raise ConfigError(f"{key}={value}: must be >= 0")
+        if not 0.0 < t.rollback_lr_factor <= 1.0:
+            raise ConfigError(f"train.rollback_lr_factor={t.rollback_lr_factor}: must be in (0, 1]")
+        if t.inject_nan_step is not None and t.inject_nan_step < 1:
+            raise ConfigError(f"train.inject_nan_step={t.inject_nan_step}: must be a step >= 1 or null")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

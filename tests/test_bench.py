@@ -133,7 +133,7 @@ def test_quick_bench_prints_ratios_and_writes_the_contract_json(image_folder, tm
     result = json.loads(out.read_text())
     for dotted in ("train.ratio_vs_reference", "train.images_per_s", "reference.images_per_s",
                    "train.fraction_of_matmul_peak", "readers.memory", "checkpoint.save_s",
-                   "interrupt.signal_to_exit_s", "device.name"):
+                   "interrupt.signal_to_exit_s", "device.name", "guard.ratio"):
         node = result
         for part in dotted.split("."):
             assert part in node, f"{dotted} missing from the --json output"
@@ -143,7 +143,7 @@ def test_quick_bench_prints_ratios_and_writes_the_contract_json(image_folder, tm
     assert result["train"]["ratio_vs_reference"] > 0
     precisions = {loop["precision"] for loop in result["configs"][0]["loops"].values() if loop["name"] != REFERENCE}
     assert "fp32" in precisions  # the fp32 target is measured whatever `auto` resolves to on this CPU
-    assert "x ref" in proc.stdout and "Targets" in proc.stdout
+    assert "x ref" in proc.stdout and "Targets" in proc.stdout and "Divergence guard" in proc.stdout
 
 
 def test_seconds_to_reach_interpolates_between_the_snapshots_around_the_crossing():

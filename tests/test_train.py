@@ -14,7 +14,7 @@ import torch
 import hpcgan
 from hpcgan.cli import main
 from hpcgan.train import EXIT_INTERRUPTED
-from hpcgan.train.checkpoint import MARKER, CheckpointManager
+from hpcgan.train.checkpoint import MARKER, CheckpointManager, file_hash
 from hpcgan.train.precision import native_bf16, resolve_mixed_precision
 
 from helpers import TINY, assert_identical, cli_env, final_weights, hpcgan_cmd, make_trainer, run_cli, train_args
@@ -208,12 +208,13 @@ def test_foreign_checkpoint_is_refused_without_damage(capsys, image_folder, tmp_
     ckpt = out / "checkpoints" / "step-0000002"
     (ckpt / "config.yaml").unlink()
     marker = json.loads((ckpt / MARKER).read_text())
-    del marker["files"]["config.yaml"]
+    del marker["files"]["config.yaml"], marker["digests"]["config.yaml"]
     (ckpt / MARKER).write_text(json.dumps(marker))
     other = tmp_path / "other"
     assert make_trainer(image_folder, other, "train.steps=1", "model.nz=50").fit() == 0
     shutil.copy(other / "checkpoints" / "step-0000001" / "model.pt", ckpt / "model.pt")
-    marker["files"]["model.pt"] = (ckpt / "model.pt").stat().st_size
+    marker["files"]["model.pt"] = (ckpt / "model.pt").stat().st_size  # committed as if it belonged here
+    marker["digests"]["model.pt"] = file_hash((ckpt / "model.pt").read_bytes())
     (ckpt / MARKER).write_text(json.dumps(marker))
     code, err = train_cli(capsys, image_folder, out, "train.steps=4")
     assert code == 2 and "does not match this model" in err and "step-0000002" in err

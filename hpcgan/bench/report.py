@@ -131,6 +131,11 @@ def table(result: dict[str, Any], targets: list[Target]) -> str:
                    if loop.get("warmup_s") is not None]
         if warmups:
             lines.append(f"{'':>11} untimed warm-up (torch.compile's compilation included): " + ", ".join(warmups))
+    guard = result.get("guard", {})
+    if "ratio" in guard:
+        lines += ["", f"Divergence guard at {guard['resolution']}px batch {guard['batch']}: guard on / off "
+                      f"{guard['ratio']:.3f} ({guard['min']:.3f}-{guard['max']:.3f}) per repeat; "
+                      f"{guard['guard_on_images_per_s']:.1f} vs {guard['guard_off_images_per_s']:.1f} images/s"]
     if result.get("readers"):
         demand, res = result["readers_demand_images_per_s"], result["train"]["resolution"]
         lines += ["", f"Readers at {res}px (images/s; trainer demand {demand:.1f} images/s, fastest hpcgan loop)"]

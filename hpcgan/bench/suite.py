@@ -30,7 +30,7 @@ from hpcgan.bench.flops import device_name, flops_per_image, matmul_tflops, peak
 from hpcgan.bench.images import BenchImages, bench_images
 from hpcgan.bench.readers import reader_images_per_s, reader_plan
 from hpcgan.bench.plan import Plan
-from hpcgan.bench.throughput import (DEFAULTS, REFERENCE, Measured, Variant, interleave, precision, reference_for,
+from hpcgan.bench.throughput import (DEFAULTS, GUARD_OFF, REFERENCE, Measured, Variant, interleave, precision, reference_for,
                                      resolve, variants)
 from hpcgan.bench.worker import LoopProcess
 from hpcgan.config import Config, build_config, to_dict
@@ -77,6 +77,17 @@ def _loops(measured: dict[str, Measured], chosen: list[tuple[Variant, Config]], 
             loop["mfu"] = loop["tflops"] / peaks[loop["precision"]]
         loops[name] = loop
     return loops
+
+
+def guard_cost(measured: dict[str, Measured], resolution: int, batch: int) -> dict[str, Any]:
+    """The defaults' images/s over the same loop with the divergence guard off: the median of the ratios
+    within each repeat (same load), with min and max."""
+    if GUARD_OFF not in measured:
+        return {"skipped": "the guard-off loop was not timed"}
+    paired = [on / off for on, off in zip(measured[DEFAULTS].runs, measured[GUARD_OFF].runs)]
+    return {"resolution": resolution, "batch": batch, "ratio": statistics.median(paired), "min": min(paired),
+            "max": max(paired), "guard_on_images_per_s": measured[DEFAULTS].median,
+            "guard_off_images_per_s": measured[GUARD_OFF].median}
 
 
 class Suite:
@@ -183,6 +194,7 @@ class Suite:
                                            "loops": _loops(measured, chosen, flops, self.peaks, matmul)})
             if (res, batch) == plan.headline:
                 self.images, self.cfg = images, base
+                self.result["guard"] = guard_cost(measured, res, batch)
                 if "checkpoint" not in plan.skip:
                     self.progress("checkpoint save and restore")
                     self.result["checkpoint"] = loops[DEFAULTS].call("checkpoint")

@@ -24,6 +24,7 @@ from hpcgan.train.precision import mixed_precision_here, precision_name
 
 REFERENCE = "reference (dcgan/main.py)"
 DEFAULTS = "hpcgan (defaults)"
+GUARD_OFF = "hpcgan (defaults, guard off)"
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Variant:
 def variants(*, full: bool, bf16: bool, compile: bool) -> list[Variant]:
     """Defaults first (the headline); the full run adds the fast path's switches one by one; bf16 wherever
     the device does bf16 natively (it is a target of its own)."""
-    out = [Variant(DEFAULTS, ())]
+    out = [Variant(DEFAULTS, ()), Variant(GUARD_OFF, ("train.guard=false",))]  # what the divergence guard costs
     if full:
         out.append(Variant("hpcgan fp32 plain", ('train.mixed_precision="no"', "train.channels_last=false",
                                                  "train.fused_adam=false", "train.compile=false")))

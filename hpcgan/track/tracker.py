@@ -85,6 +85,10 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._queue.put(("artifact", (str(path), artifact_path)))
 
+    def set_tag(self, key: str, value: str) -> None:
+        """A run tag, set at once: for rare events (a rollback), not for every step."""
+        self._try(lambda: self.client.set_tag(self.run_id, key, value))
+
     def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> bool:
         """Flush and end the run; False (with a warning) when records could not be delivered."""
         if self._system is not None:

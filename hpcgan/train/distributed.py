@@ -50,6 +50,15 @@ def agree(ok: bool, world: int, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def share(value: int, world: int, device: torch.device) -> int:
+    """Rank 0's `value` on every rank (a broadcast)."""
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
 def release_distributed() -> None:
     """Leave the default process group; a no-op without one.
 

@@ -9,6 +9,7 @@ weights to an uninterrupted one on CPU.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from hpcgan.models import build_models
 from hpcgan.augment import build_augment
 from hpcgan.models.ema import EMA, ema_decay
 from hpcgan.models.losses import d_loss, g_loss, r1_penalty
-from hpcgan.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointManager, step_dir_name
+from hpcgan.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointManager, Source, step_dir_name
 from hpcgan.train.conditioning import check_classes, resolve_classes, run_classes, step_labels
-from hpcgan.train.distributed import agree, release_distributed, resume_on_new_world
+from hpcgan.train.distributed import agree, release_distributed, resume_on_new_world, resume_seed, share
+from hpcgan.train.guard import EXIT_DIVERGED, Guard, all_finite
 from hpcgan.train.precision import precision_name
 from hpcgan.train.progress import Reporter, StepStats
 from hpcgan.train.run_folder import CONFIG_FILE, RunFolder, RunLock, RunLockedError
@@ -61,7 +63,11 @@ class Trainer:
         seed_everything(rank_seed(cfg.seed, self.rank))
         self.state = TrainState(world_size=self.world, classes=run_classes(cfg, self.reader.classes))
         self.ckpt = CheckpointManager(self.run.checkpoints, keep=cfg.checkpoint.keep, best=self.run.best,
-                                      milestones=cfg.checkpoint.milestones, rank=self.rank, agree=self._agree)
+                                      milestones=cfg.checkpoint.milestones, rank=self.rank, agree=self._agree,
+                                      share=lambda value: share(value, self.world, self.device))
+        self.guard = Guard(cfg, self.device, scaled=self.acc.scaler is not None)
+        self._base_lrs = [[group["lr"] for group in opt.param_groups] for opt in (self.opt_g, self.opt_d)]
+        self._initial: dict[str, bytes] | None = None  # the rollback target until the first checkpoint
         self._register_parts()
         self.interrupt = InterruptFlag()
         # One CPU process runs a step synchronously for seconds; an interrupt that arrives before D's
@@ -97,18 +103,71 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _restore(self, folder: Path) -> None:
-        """Load `folder`; one written by another number of processes continues in global terms."""
+        self._load(folder)
+        self.state.restarts += 1
+        self._apply_lr_factor()
+
+    def _load(self, source: Source) -> None:
+        """Load a checkpoint; one written by another number of processes continues in global terms."""
         classes = self.state.classes
-        if not self.ckpt.load(folder) or self.state.world_size != self.world:
-            change = resume_on_new_world(folder, self.state, seed=self.cfg.seed, rank=self.rank, world=self.world,
+        if not self.ckpt.load(source) or self.state.world_size != self.world:
+            change = resume_on_new_world(source, self.state, seed=self.cfg.seed, rank=self.rank, world=self.world,
                                          global_batch=self.cfg.train.batch_size, reader=self.reader,
                                          augment=self.augment)
             if self.is_main:
                 log.info("%s", change)
         check_classes(self.state.classes, classes, self.cfg.data.path)
-        self.state.restarts += 1
         self.state.world_size = self.world
         self._saved_step = self.state.step
+
+    def _apply_lr_factor(self) -> None:
+        """Rates lowered by rollbacks: the configured ones times the state's factor."""
+        if self.state.lr_factor != 1.0:
+            for opt, base in zip((self.opt_g, self.opt_d), self._base_lrs):
+                for group, lr in zip(opt.param_groups, base):
+                    group["lr"] = lr * self.state.lr_factor
+
+    def _rollback(self, why: str, at_most: int | None = None) -> bool:
+        """Back to the newest intact checkpoint (at step <= `at_most`), or to the initial state when there
+        is none yet, with the learning rates times `train.rollback_lr_factor`; the data continues past the
+        bad stretch and the noise is drawn afresh. False (nothing done) once `train.max_rollbacks` are spent."""
+        tcfg = self.cfg.train
+        if self.state.rollbacks >= tcfg.max_rollbacks:
+            return False
+        source: Source | None = self.ckpt.latest(at_most) or self._initial
+        if source is None:
+            return False
+        kept = {k: getattr(self.state, k) for k in ("restarts", "mlflow_run_id", "best", "bad_steps", "rollbacks",
+                                                      "lr_factor")}
+        position, before = self.reader.state_dict(), self.state.step
+        self._load(source)
+        for key, value in kept.items():
+            setattr(self.state, key, value)
+        self.state.rollbacks += 1
+        self.state.lr_factor *= tcfg.rollback_lr_factor
+        self._apply_lr_factor()
+        self.reader.load_state_dict(position)
+        seed_everything(resume_seed(self.cfg.seed, self.rank, self.state.rollbacks, "rollback"))
+        self.ckpt.discard_after(self.state.step)
+        self.guard.reset(self.state.step)
+        rollbacks, step = self.state.rollbacks, self.state.step
+        if self.is_main:
+            where = source if isinstance(source, Path) else "the initial state"
+            log.warning("rollback %d of %d at step %d: %s; back to step %d (%s) with lr x%g, data continues "
+                        "past the bad stretch", rollbacks, tcfg.max_rollbacks, before, why, step, where,
+                        self.state.lr_factor)
+        self.report.tag("hpcgan.rollbacks", str(rollbacks))
+        self.report.write(step, self.state.images_seen, {"rollbacks": rollbacks, "lr_factor": self.state.lr_factor})
+        return True
+
+    def _give_up(self, why: str) -> int:
+        self.report.tag("hpcgan.gave_up", why)
+        self.report.finish("FAILED")
+        if self.is_main:
+            log.error("giving up at step %d after %d rollback(s) (train.max_rollbacks=%d): %s; lower train.lr or "
+                      "check the data; no checkpoint holds non-finite weights", self.state.step,
+                      self.state.rollbacks, self.cfg.train.max_rollbacks, why)
+        return EXIT_DIVERGED
 
     # ------------------------------------------------------------------ step
     def step(self) -> torch.Tensor:
@@ -145,6 +204,8 @@ class Trainer:
         if tcfg.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
         z = torch.randn(real.shape[0], self.cfg.model.nz, device=self.device)
+        guard = self.guard if self.guard.enabled else None
+        nan = float("nan") if self.guard.inject(self.state.step + 1, self.state.rollbacks) else 0.0
         labels, fake_y = step_labels(labels, self.cfg.model.num_classes, tcfg.class_balance)
         self.opt_d.zero_grad(set_to_none=True)
         fake = self.G(z, fake_y)
@@ -160,14 +221,18 @@ class Trainer:
         loss_d = d_loss(real_logits, fake_logits, tcfg.loss)
         if reconstruction is not None:
             loss_d = loss_d + reconstruction
+        if nan:
+            loss_d = loss_d + nan
         if do_r1:
             scale = self.acc.scaler.get_scale() if self.acc.scaler is not None else 1.0
             loss_d = loss_d + r1_penalty(real_logits, real, scale) * (tcfg.r1_gamma / 2 * tcfg.r1_every)
         self.acc.backward(loss_d)
         self._abort_point()  # the last one: from D's update on, the step runs to its end
+        if guard:
+            guard.check(self.opt_d.optimizer, loss_d)
         self.opt_d.step()
         if self.augment is not None:
-            self.augment.observe(real_logits.detach())
+            self.augment.observe(guard.observed(real_logits.detach()) if guard else real_logits.detach())
 
         self.opt_g.zero_grad(set_to_none=True)
         # D's weight gradients from the G step would be discarded: neither computed (a third of D's
@@ -177,16 +242,20 @@ class Trainer:
             with self.acc.no_sync(self.D):
                 fake_logits_g = self.D(self._see(fake), fake_y)
                 loss_g = g_loss(fake_logits_g, tcfg.loss)
+                if nan:
+                    loss_g = loss_g + nan
                 self.acc.backward(loss_g)
         finally:
             self.discriminator.requires_grad_(True)
+        if guard:
+            guard.check(self.opt_g.optimizer, loss_g)
         self.opt_g.step()
         if self.ema:
             self.ema.update(self.state.step)
         with torch.no_grad():
-            return torch.stack([loss_d.detach(), loss_g.detach(),
-                                torch.sigmoid(real_logits.float()).mean(), torch.sigmoid(fake_logits.float()).mean(),
-                                torch.sigmoid(fake_logits_g.float()).mean()])
+            stats = torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(real_logits.float()).mean(),
+                                 torch.sigmoid(fake_logits.float()).mean(), torch.sigmoid(fake_logits_g.float()).mean()])
+            return guard.end_step(stats) if guard else stats
 
     def _abort_point(self) -> None:
         if self._abortable and self.interrupt:
@@ -201,13 +270,21 @@ class Trainer:
             return False
         return not self._agree(not self.interrupt)
 
-    def save_checkpoint(self, data: dict[str, Any] | None = None) -> Path:
-        """Commit the current step; `data`: the reader's position when it is not the reader's own."""
+    def save_checkpoint(self, data: dict[str, Any] | None = None) -> Path | None:
+        """Commit the current step; `data`: the reader's position when it is not the reader's own.
+        With the guard on, non-finite weights are never saved: None then (the caller rolls back)."""
         if self._saved_step == self.state.step:
             return self.ckpt.root / step_dir_name(self.state.step)
+        if self.guard.enabled:
+            nets = [self.generator, self.discriminator, *([self.ema.module] if self.ema else [])]
+            if not self._agree(bool(all_finite(nets))):
+                if self.is_main:
+                    log.warning("step %d: weights are not finite, no checkpoint written", self.state.step)
+                return None
         self._saved_step = self.state.step
         self.state.data = data if data is not None else self.reader.state_dict()
         path = self.ckpt.save(self.state.step, {"data": data} if data is not None else None)
+        self._initial = None
         if self.is_main:
             log.info("checkpoint %s", path)
         return path
@@ -216,18 +293,26 @@ class Trainer:
     def sample_generator(self) -> torch.nn.Module:
         return self.ema.module if self.ema else self.generator
 
-    def _evaluate(self) -> None:
-        """In-loop metrics on EMA samples; a new best (lower `metrics.best`) is checkpointed and copied to best/."""
+    def _evaluate(self) -> str | None:
+        """In-loop metrics on EMA samples; a new best (lower `metrics.best`) is checkpointed and copied to best/.
+        Returns why the guard wants a rollback, or None."""
         values = self.report.evaluate(self.sample_generator, self.state.step, self.state.images_seen)
         key = self.cfg.metrics.best
         value = values.get(key)
-        if value is None or (self.state.best and value >= self.state.best["value"]):
-            return
-        self.state.best = {"metric": key, "value": value, "step": self.state.step}
+        if value is None or not math.isfinite(value):
+            return None
+        best = self.state.best["value"] if self.state.best else None
+        why = self.guard.evaluated(self.state.step, value, best) if self.guard.enabled else None
+        if best is not None and value >= best:
+            return why
         folder = self.save_checkpoint()
+        if folder is None:
+            return "weights are not finite at a new best"
+        self.state.best = {"metric": key, "value": value, "step": self.state.step}
         if self.is_main:
-            best = self.ckpt.promote_best(folder)
-            log.info("new best %s=%.4f at step %d -> %s", key, value, self.state.step, best)
+            best_folder = self.ckpt.promote_best(folder)
+            log.info("new best %s=%.4f at step %d -> %s", key, value, self.state.step, best_folder)
+        return None
 
     # ------------------------------------------------------------------ run
     def fit(self) -> int:
@@ -246,6 +331,8 @@ class Trainer:
                 self._restore(latest)
                 if self.is_main:
                     log.info("resumed from %s (step %d of %d)", latest, self.state.step, self.total_steps)
+            elif self.guard.enabled:
+                self._initial = self.ckpt.snapshot()
             if self.state.step >= self.total_steps:
                 if self.is_main:
                     log.info("run %s is already at step %d of %d: nothing to do", self.run.root,
@@ -282,21 +369,38 @@ class Trainer:
                 compile_s = stats.restart_clock(self.state.images_seen)
                 log.info("torch.compile (%s) + first step: %.1f s", tcfg.compile_mode, compile_s)
                 self.report.write(step, self.state.images_seen, {"compile_s": compile_s})
+            why, at_most, boundary = None, None, False  # the guard's reason to roll back, and to where
             if step % tcfg.log_every == 0 or step == self.total_steps:
                 record = stats.record(self.state.images_seen, self.reader.num_images)
                 if self.augment is not None:
                     record["augment_p"] = self.augment.p
+                if self.guard.enabled:
+                    bad, why = self.guard.read(record, step)
+                    self.state.bad_steps += bad
+                    boundary = True
                 self.report.log_step(step, self.total_steps, self.state.images_seen, record)
             self.report.tick()
             if step % tcfg.sample_every == 0:
                 self.report.samples(self.sample_generator, step)
             if self.report.metrics and step % self.cfg.metrics.every == 0:
-                self._evaluate()
-            if step % ccfg.every == 0 or step in milestones:
-                self.save_checkpoint()
+                boundary = True
+                if why is None and (why := self._evaluate()) is not None:
+                    at_most = self.guard.good_step
+            if (step % ccfg.every == 0 or step in milestones) and why is None:
+                boundary = True
+                if self.save_checkpoint() is None:
+                    why = "weights are not finite at a checkpoint"
+            if self.guard.enabled and boundary and not self._agree(why is None):
+                if not self._rollback(why or "another rank's guard fired", at_most):
+                    return self._give_up(why or "another rank's guard fired")
+                stats.restart_clock(self.state.images_seen)
+                continue
             if step < self.total_steps and self._should_stop():
                 return self._exit_interrupted()
-        self.save_checkpoint()
+        if self.save_checkpoint() is None:  # non-finite weights at the end: back, and on from there
+            if not self._rollback("weights are not finite at the end"):
+                return self._give_up("weights are not finite at the end")
+            return self._loop(lock)
         if self.state.step % tcfg.sample_every:
             self.report.samples(self.sample_generator, self.state.step)
         self.report.finish("FINISHED", self.sample_generator)
@@ -306,7 +410,8 @@ class Trainer:
 
     def _exit_interrupted(self, data: dict[str, Any] | None = None) -> int:
         """Save and report; with `data` (an aborted step's start) the trainer is left for exit only."""
-        self.save_checkpoint(data)
+        if self.save_checkpoint(data) is None and self.is_main:
+            log.warning("the run resumes from its newest intact checkpoint")
         self.report.finish("KILLED")
         if self.is_main:
             log.warning("interrupted by signal %s %s step %d: checkpoint saved, exiting with %d (resumable)",

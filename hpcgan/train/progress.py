@@ -104,6 +104,11 @@ class Reporter:
             log.info("step %d/%d  loss_d %.4f  loss_g %.4f  D(x) %.3f  D(G(z)) %.3f  %.1f img/s", step, total,
                      record["loss_d"], record["loss_g"], record["d_real"], record["d_fake"], record["images_per_s"])
 
+    def tag(self, key: str, value: str) -> None:
+        """An MLflow tag on the run (rank 0)."""
+        if self.tracker:
+            self.tracker.set_tag(key, value)
+
     def tick(self) -> None:
         if self._bar is not None:
             self._bar.update(1)

@@ -25,6 +25,9 @@ class TrainState:
     restarts: int = 0  # times this run was resumed from a checkpoint
     best: dict[str, Any] = field(default_factory=dict)  # {"metric", "value", "step"} of best/
     classes: dict[str, int] = field(default_factory=dict)  # conditional: class -> training images, label order
+    bad_steps: int = 0  # steps skipped by the guard (non-finite loss or gradient)
+    rollbacks: int = 0  # times the guard rolled back to a good checkpoint
+    lr_factor: float = 1.0  # the learning rates' factor after those rollbacks
 
     def state_dict(self) -> str:
         """JSON text: the one checkpoint file a person reads to see where a run stands."""
