@@ -22,7 +22,8 @@ from hpcgan.models.ema import EMA, ema_decay
 from hpcgan.models.losses import d_loss, g_loss, r1_penalty
 from hpcgan.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointManager, step_dir_name
 from hpcgan.train.conditioning import check_classes, resolve_classes, run_classes, step_labels
-from hpcgan.train.distributed import agree, release_distributed, resume_on_new_world
+from hpcgan.train.distributed import (agree, carry_rank0_augment, from_global_position, rederive_rng,
+                                     release_distributed, resume_on_new_world)
 from hpcgan.train.precision import precision_name
 from hpcgan.train.progress import Reporter, StepStats
 from hpcgan.train.run_folder import CONFIG_FILE, RunFolder, RunLock, RunLockedError
@@ -86,10 +87,10 @@ class Trainer:
         if self.acc.scaler is not None:
             ckpt.register("scaler", self.acc.scaler, file="optim.pt", optional=True)
         ckpt.register("state", self.state, file=STATE_FILE)
-        ckpt.register_rank("rng", GlobalRNG())
+        ckpt.register_rank("data", self.reader, reshard=from_global_position)
+        ckpt.register_rank("rng", GlobalRNG(), reshard=rederive_rng)
         if self.augment is not None:  # per rank: each rank's augmentation stream is its own
-            ckpt.register_rank("augment", self.augment)
-        ckpt.register_rank("data", self.reader)
+            ckpt.register_rank("augment", self.augment, reshard=carry_rank0_augment)
 
     def _agree(self, ok: bool) -> bool:
         return agree(ok, self.world, self.device)
@@ -99,9 +100,8 @@ class Trainer:
         """Load `folder`; one written by another number of processes continues in global terms."""
         classes = self.state.classes
         if not self.ckpt.load(folder) or self.state.world_size != self.world:
-            change = resume_on_new_world(folder, self.state, seed=self.cfg.seed, rank=self.rank, world=self.world,
-                                         global_batch=self.cfg.train.batch_size, reader=self.reader,
-                                         augment=self.augment)
+            change = resume_on_new_world(folder, self.state, self.ckpt.rank_parts(), seed=self.cfg.seed,
+                                         rank=self.rank, world=self.world, global_batch=self.cfg.train.batch_size)
             if self.is_main:
                 log.info("%s", change)
         check_classes(self.state.classes, classes, self.cfg.data.path)
