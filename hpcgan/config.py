@@ -80,6 +80,7 @@ class TrainConfig:
     compile_mode: str = "default"
     fused_adam: bool = True  # fused/foreach Adam when the device supports it
     sync_batchnorm: bool = False  # SyncBatchNorm under DDP (GPU); otherwise buffers stay per rank
+    dist_timeout_s: float = 1800.0  # NCCL/gloo collectives and cross-rank checks fail after this (naming late ranks)
     loss: str = "logistic"  # logistic (non-saturating, BCE on logits) | hinge
     r1_gamma: float = 0.0  # R1 gradient penalty weight on real images; 0 disables
     r1_every: int = 16  # lazy R1: the penalty every N steps, scaled by N
@@ -186,6 +187,8 @@ class Config:
         for key, value in probabilities.items():
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key}={value}: must be in [0, 1]")
+        if self.train.dist_timeout_s <= 0:
+            raise ConfigError(f"train.dist_timeout_s={self.train.dist_timeout_s}: must be > 0")
         for key, value in {"train.lr": self.train.lr, "train.r1_gamma": self.train.r1_gamma,
                            "data.workers": self.data.workers, "track.flush_every_s": self.track.flush_every_s,
                            "train.ema_half_life_images": self.train.ema_half_life_images,

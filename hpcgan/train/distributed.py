@@ -20,8 +20,10 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import re
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +45,47 @@ if dist.is_available():
 log = logging.getLogger(__name__)
 
 
-def agree(ok: bool, world: int, device: torch.device) -> bool:
-    """True on every rank only if `ok` is True on every rank; also a barrier."""
+class PeerTimeout(RuntimeError):
+    """Some ranks did not reach a cross-rank check within `train.dist_timeout_s`; the message names them."""
+
+
+_monitor: dict[str, Any] = {}  # the gloo group that checks which ranks arrive, made once per process group
+
+
+def _monitor_group() -> Any:
+    """A gloo group over all ranks (the default group itself when that is gloo): `monitored_barrier`,
+    which names the ranks that fail to arrive, exists on gloo only. Made at the first check, which every
+    rank reaches in the same order."""
+    if _monitor.get("world") is not dist.group.WORLD:
+        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        _monitor.update(world=dist.group.WORLD, group=group)
+    return _monitor["group"]
+
+
+def arrive(timeout_s: float) -> None:
+    """Wait for every rank; raises PeerTimeout naming those that did not come within `timeout_s`."""
+    rank = dist.get_rank()
+    try:
+        dist.monitored_barrier(_monitor_group(), timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as err:
+        text = str(err)
+        late = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
+        if rank == 0 and late:
+            who = late.group(1).strip(", ")
+            raise PeerTimeout(f"rank{'s' if ',' in who else ''} {who} of {dist.get_world_size()} did not reach the "
+                              f"cross-rank check within train.dist_timeout_s={timeout_s:g} s: see that rank's log "
+                              "(hung, crashed or stalled on I/O); raise train.dist_timeout_s if it is only slow") from None
+        raise PeerTimeout(f"rank {rank}: rank 0 left or did not complete the cross-rank check within "
+                          f"train.dist_timeout_s={timeout_s:g} s: see rank 0's log") from None
+
+
+def agree(ok: bool, world: int, device: torch.device, timeout_s: float | None = None) -> bool:
+    """True on every rank only if `ok` is True on every rank; also a barrier. With `timeout_s`, ranks that
+    do not arrive in time are named (PeerTimeout) instead of failing the collective anonymously."""
     if world == 1:
         return ok
+    if timeout_s is not None:
+        arrive(timeout_s)
     flag = torch.tensor([1.0 if ok else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
@@ -70,6 +109,7 @@ def release_distributed() -> None:
         except RuntimeError as err:
             log.warning("final barrier failed (%s): a peer left early; leaving without it", err)
     dist.destroy_process_group()
+    _monitor.clear()
     AcceleratorState._reset_state(reset_partial_state=True)
     gc.collect()
     del group  # dropped with the GIL released; as the last reference, its destructor joins the threads

@@ -93,7 +93,7 @@ class Trainer:
             ckpt.register_rank("augment", self.augment, reshard=carry_rank0_augment)
 
     def _agree(self, ok: bool) -> bool:
-        return agree(ok, self.world, self.device)
+        return agree(ok, self.world, self.device, self.cfg.train.dist_timeout_s)
 
     # ------------------------------------------------------------------ resume
     def _restore(self, folder: Path) -> None:
