@@ -54,7 +54,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # image folder, uint8 tensor file (.pt), or prepared shard folder (manifest.json)
-    reader: str = "auto"  # auto | memory | webdataset | dali
+    reader: str = "auto"  # auto | memory | webdataset | dali (hpcgan.data.SHARD_READERS)
     flip: bool = True  # random horizontal flip (left/right hemispheres are near mirror images)
     device_resident: bool = True  # memory reader: keep the uint8 set on the training device
     workers: int = 2  # decode workers for streaming readers
@@ -131,7 +131,7 @@ class MetricsConfig:
     every: int = 500  # steps between in-loop metrics (EMA samples vs held-out slices); 0 disables
     names: list[str] = field(default_factory=lambda: ["swd", "msssim"])
     n: int = 1024  # generated and real images per in-loop evaluation
-    best: str = "swd"  # metric that selects best/ (lower is better)
+    best: str = "swd"  # swd | fid | kid (lower is better), one of metrics.names: selects best/
     inception_weights: str = ""  # path to pt_inception-2015-12-05 weights or a TorchScript export
 
 
@@ -150,17 +150,7 @@ class Config:
         res = self.model.resolution
         if res < 64 or res & (res - 1):
             raise ConfigError(f"model.resolution={res}: must be 64 * 2**k (64, 128, 256, ...)")
-        choices = {
-            "model.arch": (self.model.arch, {"dcgan", "stylegan2"}),
-            "data.reader": (self.data.reader, {"auto", "memory", "webdataset", "dali"}),
-            "train.mixed_precision": (self.train.mixed_precision, {"auto", "no", "bf16", "fp16"}),
-            "train.loss": (self.train.loss, {"logistic", "hinge"}),
-            "train.class_balance": (self.train.class_balance, {"data", "balanced"}),
-            "augment.mode": (self.augment.mode, {"off", "fixed", "ada"}),
-        }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"{key}={value!r}: must be one of {sorted(allowed)}")
+        check_choices(self)
         positive = {
             "model.nz": self.model.nz, "model.ngf": self.model.ngf, "model.ndf": self.model.ndf,
             "train.batch_size": self.train.batch_size, "train.epochs": self.train.epochs,
@@ -195,7 +185,49 @@ class Config:
                            "model.conditional": self.model.conditional}.items():
             if value < 0:
                 raise ConfigError(f"{key}={value}: must be >= 0")
+        check_combinations(self)
         return self
+
+
+def registered_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of every key that names something registered, read from the registries that
+    define them, so that a new arch, loss, metric, augmentation op or reader is accepted once registered.
+    Imported here and not at the top: config sits below those packages, which import it."""
+    from hpcgan.augment.ops import ALL_OPS
+    from hpcgan.augment.pipe import MODES
+    from hpcgan.data import SHARD_READERS
+    from hpcgan.metrics import available, best_names
+    from hpcgan.models import ARCHS
+    from hpcgan.models.losses import LOSSES
+
+    return {"model.arch": tuple(ARCHS), "data.reader": ("auto", *SHARD_READERS), "train.loss": tuple(LOSSES),
+            "augment.mode": tuple(MODES), "augment.ops": tuple(ALL_OPS), "metrics.names": tuple(available()),
+            "metrics.best": tuple(best_names()),
+            "train.mixed_precision": ("auto", "no", "bf16", "fp16"), "train.class_balance": ("data", "balanced")}
+
+
+def check_choices(cfg: Config) -> None:
+    """Every key that names a choice holds one the registries know (list keys: every item)."""
+    for key, allowed in registered_choices().items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        for item in value if isinstance(value, list) else [value]:
+            if item not in allowed:
+                raise ConfigError(f"{key}={item!r}: must be one of {', '.join(allowed)}")
+
+
+def check_combinations(cfg: Config) -> None:
+    """Settings that each work but not together: refused before any work, naming both keys."""
+    m, t = cfg.model, cfg.train
+    if t.sync_batchnorm and t.r1_gamma > 0:
+        raise ConfigError(f"train.sync_batchnorm=true with train.r1_gamma={t.r1_gamma:g}: SyncBatchNorm has no "
+                          "double backward, which R1 needs; set train.sync_batchnorm=false or train.r1_gamma=0")
+    if m.spectral_norm and m.arch != "dcgan":
+        raise ConfigError(f"model.spectral_norm=true with model.arch={m.arch}: only dcgan's D has spectral "
+                          "normalisation; set model.spectral_norm=false (R1, train.r1_gamma, regularises it)")
+    if cfg.metrics.every and cfg.metrics.best not in cfg.metrics.names:
+        raise ConfigError(f"metrics.best={cfg.metrics.best} with metrics.names={cfg.metrics.names}: best/ is "
+                          "chosen by a metric the run evaluates; add it to metrics.names or pick one of them")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

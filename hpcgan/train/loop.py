@@ -150,8 +150,10 @@ class Trainer:
         self._abort_point()
         do_r1 = tcfg.r1_gamma > 0 and self.state.step % tcfg.r1_every == 0
         real = real.detach().requires_grad_(do_r1)
-        real_logits = self.D(self._see(real), labels)
-        fake_logits = self.D(self._see(fake.detach()), fake_y)
+        # A compiled graph has no double backward: R1 steps run D (still DDP-wrapped) eagerly.
+        D = getattr(self.D, "_orig_mod", self.D) if do_r1 else self.D
+        real_logits = D(self._see(real), labels)
+        fake_logits = D(self._see(fake.detach()), fake_y)
         self._abort_point()
         loss_d = d_loss(real_logits, fake_logits, tcfg.loss)
         if do_r1:
