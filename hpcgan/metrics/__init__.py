@@ -5,7 +5,7 @@ registers them all. `utility_test` is no registered metric: it needs class label
 """
 
 from hpcgan.metrics.cache import RealStatsCache
-from hpcgan.metrics.distributed import compute_real_stats, evaluate_distributed, gather_rows, shard
+from hpcgan.metrics.distributed import compute_real_stats, evaluate_distributed, gather_to_main, shard
 from hpcgan.metrics.encoder import (
     EncoderSettings,
     SSLFeatures,
@@ -43,7 +43,7 @@ __all__ = [
     "TorchScriptFeatures", "WEIGHTS_ENV", "available", "balanced_accuracy", "best_names", "compute_real_stats", "copy_audit",
     "data_fingerprint", "default_cache_dir", "density_coverage", "disturbance_curves", "encoder_path", "evaluate",
     "evaluate_distributed", "extract", "feature_stats", "fid_from_features", "find_encoder", "frechet_distance",
-    "gather_rows", "get", "kid_from_features", "kid_subsets", "knn_radii", "laplacian_pyramid", "load_extractor",
+    "gather_to_main", "get", "kid_from_features", "kid_subsets", "knn_radii", "laplacian_pyramid", "load_extractor",
     "load_torchscript", "macro_auc", "markdown_table", "memorization_audit", "monotone", "ms_ssim",
     "ms_ssim_diversity", "precision_recall", "register", "resolve_weights", "save_pairs_png", "shard", "ssim",
     "swd", "train_features", "uses_features", "utility_test",
