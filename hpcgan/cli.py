@@ -89,13 +89,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from hpcgan.data import DataError
     from hpcgan.train import CheckpointError, RunLockedError
+    from hpcgan.train.distributed import PeerTimeout
 
     setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, RunLockedError) as err:
+    except (ConfigError, DataError, CheckpointError, RunLockedError, PeerTimeout) as err:
         print(f"hpcgan {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -55,7 +55,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # image folder, uint8 tensor file (.pt), or prepared shard folder (manifest.json)
-    reader: str = "auto"  # auto | memory | webdataset | dali
+    reader: str = "auto"  # auto | memory | webdataset | dali (hpcgan.data.SHARD_READERS)
     flip: bool = True  # random horizontal flip (left/right hemispheres are near mirror images)
     device_resident: bool = True  # memory reader: keep the uint8 set on the training device
     workers: int = 2  # decode workers for streaming readers
@@ -81,6 +81,7 @@ class TrainConfig:
     compile_mode: str = "default"
     fused_adam: bool = True  # fused/foreach Adam when the device supports it
     sync_batchnorm: bool = False  # SyncBatchNorm under DDP (GPU); otherwise buffers stay per rank
+    dist_timeout_s: float = 1800.0  # NCCL/gloo collectives and cross-rank checks fail after this (naming late ranks)
     loss: str = "logistic"  # logistic (non-saturating, BCE on logits) | hinge
     r1_gamma: float = 0.0  # R1 gradient penalty weight on real images; 0 disables
     r1_every: int = 16  # lazy R1: the penalty every N steps, scaled by N
@@ -142,7 +143,7 @@ class MetricsConfig:
     every: int = 500  # steps between in-loop metrics (EMA samples vs held-out slices); 0 disables
     names: list[str] = field(default_factory=lambda: ["swd", "msssim"])
     n: int = 1024  # generated and real images per in-loop evaluation
-    best: str = "swd"  # metric that selects best/ (lower is better)
+    best: str = "swd"  # swd | fid | kid (lower is better), one of metrics.names: selects best/
     inception_weights: str = ""  # path to pt_inception-2015-12-05 weights or a TorchScript export
 
 
@@ -161,17 +162,7 @@ class Config:
         res = self.model.resolution
         if res < 64 or res & (res - 1):
             raise ConfigError(f"model.resolution={res}: must be 64 * 2**k (64, 128, 256, ...)")
-        choices = {
-            "model.arch": (self.model.arch, {"dcgan", "fastgan", "stylegan2"}),
-            "data.reader": (self.data.reader, {"auto", "memory", "webdataset", "dali"}),
-            "train.mixed_precision": (self.train.mixed_precision, {"auto", "no", "bf16", "fp16"}),
-            "train.loss": (self.train.loss, {"logistic", "hinge"}),
-            "train.class_balance": (self.train.class_balance, {"data", "balanced"}),
-            "augment.mode": (self.augment.mode, {"off", "fixed", "ada"}),
-        }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"{key}={value!r}: must be one of {sorted(allowed)}")
+        check_choices(self)
         positive = {
             "model.nz": self.model.nz, "model.ngf": self.model.ngf, "model.ndf": self.model.ndf,
             "train.batch_size": self.train.batch_size, "train.epochs": self.train.epochs,
@@ -198,12 +189,15 @@ class Config:
         for key, value in probabilities.items():
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key}={value}: must be in [0, 1]")
+        if self.train.dist_timeout_s <= 0:
+            raise ConfigError(f"train.dist_timeout_s={self.train.dist_timeout_s}: must be > 0")
         for key, value in {"train.lr": self.train.lr, "train.r1_gamma": self.train.r1_gamma,
                            "data.workers": self.data.workers, "track.flush_every_s": self.track.flush_every_s,
                            "train.ema_half_life_images": self.train.ema_half_life_images,
                            "model.conditional": self.model.conditional}.items():
             if value < 0:
                 raise ConfigError(f"{key}={value}: must be >= 0")
+        check_combinations(self)
         self._validate_guard()
         return self
 
@@ -224,6 +218,47 @@ class Config:
             raise ConfigError(f"train.rollback_lr_factor={t.rollback_lr_factor}: must be in (0, 1]")
         if t.inject_nan_step is not None and t.inject_nan_step < 1:
             raise ConfigError(f"train.inject_nan_step={t.inject_nan_step}: must be a step >= 1 or null")
+
+
+def registered_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of every key that names something registered, read from the registries that
+    define them, so that a new arch, loss, metric, augmentation op or reader is accepted once registered.
+    Imported here and not at the top: config sits below those packages, which import it."""
+    from hpcgan.augment.ops import ALL_OPS
+    from hpcgan.augment.pipe import MODES
+    from hpcgan.data import SHARD_READERS
+    from hpcgan.metrics import available, best_names
+    from hpcgan.models import ARCHS
+    from hpcgan.models.losses import LOSSES
+
+    return {"model.arch": tuple(ARCHS), "data.reader": ("auto", *SHARD_READERS), "train.loss": tuple(LOSSES),
+            "augment.mode": tuple(MODES), "augment.ops": tuple(ALL_OPS), "metrics.names": tuple(available()),
+            "metrics.best": tuple(best_names()),
+            "train.mixed_precision": ("auto", "no", "bf16", "fp16"), "train.class_balance": ("data", "balanced")}
+
+
+def check_choices(cfg: Config) -> None:
+    """Every key that names a choice holds one the registries know (list keys: every item)."""
+    for key, allowed in registered_choices().items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        for item in value if isinstance(value, list) else [value]:
+            if item not in allowed:
+                raise ConfigError(f"{key}={item!r}: must be one of {', '.join(allowed)}")
+
+
+def check_combinations(cfg: Config) -> None:
+    """Settings that each work but not together: refused before any work, naming both keys."""
+    m, t = cfg.model, cfg.train
+    if t.sync_batchnorm and t.r1_gamma > 0:
+        raise ConfigError(f"train.sync_batchnorm=true with train.r1_gamma={t.r1_gamma:g}: SyncBatchNorm has no "
+                          "double backward, which R1 needs; set train.sync_batchnorm=false or train.r1_gamma=0")
+    if m.spectral_norm and m.arch != "dcgan":
+        raise ConfigError(f"model.spectral_norm=true with model.arch={m.arch}: only dcgan's D has spectral "
+                          "normalisation; set model.spectral_norm=false (R1, train.r1_gamma, regularises it)")
+    if cfg.metrics.every and cfg.metrics.best not in cfg.metrics.names:
+        raise ConfigError(f"metrics.best={cfg.metrics.best} with metrics.names={cfg.metrics.names}: best/ is "
+                          "chosen by a metric the run evaluates; add it to metrics.names or pick one of them")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -62,3 +62,86 @@ def test_bad_yaml_file_names_the_file(tmp_path):
 
 def test_yaml_no_stays_a_word():
     assert build_config(overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["model.arch=fakearch"], "model.arch='fakearch': must be one of dcgan, stylegan2"),
+    (["train.loss=wgan"], "train.loss='wgan': must be one of logistic, hinge"),
+    (["data.reader=fast"], "data.reader='fast': must be one of auto, memory, webdataset, dali"),
+    (["augment.ops=[flip, warp]"], "augment.ops='warp': must be one of flip, rot90"),
+    (["metrics.names=[swd, isc]"], "metrics.names='isc': must be one of"),
+    (["metrics.best=msssim"], "metrics.best='msssim': must be one of fid, kid, swd"),
+    (["metrics.best=fid"], "metrics.best=fid with metrics.names=['swd', 'msssim']: best/ is chosen by a metric"),
+    (["train.sync_batchnorm=true", "train.r1_gamma=1"],
+     "train.sync_batchnorm=true with train.r1_gamma=1: SyncBatchNorm has no double backward"),
+    (["model.arch=stylegan2", "model.spectral_norm=true"], "model.spectral_norm=true with model.arch=stylegan2"),
+    (["train.dist_timeout_s=0"], "train.dist_timeout_s=0.0: must be > 0"),
+])
+def test_choices_and_combinations_are_refused_naming_the_keys(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_config(overrides=override)
+
+
+def test_a_new_registry_entry_is_accepted_by_validation(monkeypatch):
+    """Validation reads the registries: what is registered (an arch, a loss, a reader, an augmentation op,
+    a metric) is a valid value at once, with no list in the config to update."""
+    import hpcgan.augment.ops
+    import hpcgan.data
+    import hpcgan.metrics.registry as registry
+    import hpcgan.models
+    import hpcgan.models.losses
+    from hpcgan.metrics import register
+
+    sets = ["model.arch=fakearch", "train.loss=wgan", "data.reader=fast", "augment.ops=[flip, warp]",
+            "metrics.names=[swd, isc]", "metrics.best=isc"]
+    for override in sets:
+        with pytest.raises(ConfigError):
+            build_config(overrides=[override])
+    monkeypatch.setitem(hpcgan.models.ARCHS, "fakearch", "tests.nowhere")
+    monkeypatch.setattr(hpcgan.models.losses, "LOSSES", (*hpcgan.models.losses.LOSSES, "wgan"))
+    monkeypatch.setitem(hpcgan.data.SHARD_READERS, "fast", lambda split, cfg, common: None)
+    monkeypatch.setattr(hpcgan.augment.ops, "ALL_OPS", (*hpcgan.augment.ops.ALL_OPS, "warp"))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_BEST", set(registry._BEST))
+    register("isc", best=True)(lambda ctx: {"isc": 0.0})
+    cfg = build_config(overrides=sets)
+    assert (cfg.model.arch, cfg.train.loss, cfg.data.reader, cfg.augment.ops, cfg.metrics.best) == (
+        "fakearch", "wgan", "fast", ["flip", "warp"], "isc")
+
+
+def _listed(text: str) -> list[str]:
+    """The values a `a | b (note) | c` comment lists: the first word of each alternative."""
+    return [re.match(r"\s*([\w-]+)", part).group(1) for part in text.split("|")]
+
+
+def test_documented_choices_match_the_registries():
+    """Every list of allowed values a person reads (config.py's comments, docs/training.md's table, the
+    metrics package's docstring) is exactly what validation accepts."""
+    from pathlib import Path
+
+    import hpcgan.config
+    import hpcgan.metrics
+    from hpcgan.config import registered_choices
+
+    choices = registered_choices()
+    source = Path(hpcgan.config.__file__).read_text()
+    commented = {"model.arch": "arch", "data.reader": "reader", "train.loss": "loss", "augment.mode": "mode",
+                 "metrics.best": "best", "train.mixed_precision": "mixed_precision"}
+    for key, name in commented.items():
+        line = re.search(rf"^((?:    #.*\n)?)    {name}: str = [^#\n]*(?:# (.*))?$", source, re.M)
+        comment = line.group(2) if "|" in (line.group(2) or "") else line.group(1).strip("# \n")
+        assert set(_listed(comment.split(", one of")[0])) == set(choices[key]), key
+
+    rows = {}
+    docs = (Path(hpcgan.config.__file__).parents[1] / "docs" / "training.md").read_text()
+    for row in re.findall(r"^\| (`[^|]*) \| ([^|]*) \| ([^|]*) \|$", docs, re.M):
+        rows[re.findall(r"`([^`]+)`", row[0])[-1 if "metrics.names" in row[0] else 0]] = row
+    for key in ("model.arch", "data.reader", "train.loss", "augment.mode", "train.mixed_precision",
+                "train.class_balance", "metrics.best"):
+        values = [v for v in re.findall(r"`([^`]+)`", rows[key][2]) if "." not in v]
+        assert set(values) == set(choices[key]), key
+    ops = {*map(str.strip, rows["augment.ops"][1].split(",")), *re.findall(r"`([^`]+)`", rows["augment.ops"][2])}
+    assert ops == set(choices["augment.ops"])
+    names = re.findall(r"`([^`]+)`", rows["metrics.names"][2].split("names:")[1])
+    assert set(names) == set(choices["metrics.names"])
+    assert set(re.findall(r'"(\w+)"', re.search(r"Registered names: (.*?)\.", hpcgan.metrics.__doc__).group(1))) == set(choices["metrics.names"])

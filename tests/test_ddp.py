@@ -10,7 +10,7 @@ from contextlib import ExitStack
 
 import pytest
 
-from helpers import (TINY, assert_identical, cli_env, ddp_report, final_weights, free_port, hpcgan_cmd, torchrun,
+from helpers import (REPO, TINY, assert_identical, cli_env, ddp_report, final_weights, free_port, hpcgan_cmd, torchrun,
                      train_args)
 
 pytestmark = pytest.mark.slow
@@ -66,3 +66,19 @@ def test_interrupted_ranks_save_and_exit_75(image_folder, tmp_path):
     assert "terminate called" not in text
     saved = json.loads(sorted(out.glob("checkpoints/step-*/state.json"))[-1].read_text())
     assert saved["step"] >= 2 and saved["world_size"] == 2
+
+
+def test_a_late_rank_is_named_within_the_timeout(image_folder, tmp_path):
+    """Rank 1 stalls 60 s before a cross-rank check; with train.dist_timeout_s=4 rank 0 leaves after 4 s with
+    one line naming rank 1, and the job ends (torchrun stops rank 1) without waiting out the stall."""
+    start = time.monotonic()
+    proc = torchrun(2, str(REPO / "tests" / "late_rank_worker.py"), "60",
+                    *train_args(image_folder, tmp_path / "run", "train.steps=6", "train.sync_every=1",
+                                "train.dist_timeout_s=4"), timeout=120)
+    took = time.monotonic() - start
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("hpcgan train: error: rank 1 of")]
+    assert lines == ["hpcgan train: error: rank 1 of 2 did not reach the cross-rank check within "
+                     "train.dist_timeout_s=4 s: see that rank's log (hung, crashed or stalled on I/O); raise "
+                     "train.dist_timeout_s if it is only slow"], proc.stderr[-3000:]
+    assert took < 60, f"the job waited {took:.0f} s: it sat out the stalled rank"

@@ -406,3 +406,45 @@ def test_two_processes_match_one(tmp_path: Path, inception_file: Path) -> None:
             assert results[0][key] == value, key
         else:
             assert results[0][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def _in_loop(data: str, weights: str, stats_dir: Path, is_main: bool) -> tuple[dict, dict]:
+    """The trainer's in-loop metrics of a fixed random G: (values, floors)."""
+    from hpcgan.config import build_config
+    from hpcgan.models import build_generator
+    from hpcgan.train.evaluation import InLoopMetrics
+
+    cfg = build_config(overrides=[f"data.path={data}", "metrics.names=[swd, fid]", "metrics.n=31",
+                                  f"metrics.inception_weights={weights}", "model.ngf=8", "model.nz=16"])
+    torch.manual_seed(0)
+    metrics = InLoopMetrics(cfg, torch.device("cpu"), cache_dir=stats_dir, is_main=is_main)
+    return metrics(build_generator(cfg.model).eval()), metrics.floors
+
+
+def _in_loop_worker(rank: int, world: int, port: int, data: str, weights: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HPCGAN_CACHE=f"{out_dir}/cache-{rank}")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        values, floors = _in_loop(data, weights, Path(out_dir) / "stats", is_main=rank == 0)
+        gathered = M.gather_to_main(torch.full((rank + 1,), float(rank)))
+        torch.save({"values": values, "floors": floors, "gathered": gathered}, Path(out_dir) / f"loop{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_in_loop_metrics_of_two_processes_match_one_and_rank_0_alone_computes_floors(
+        tmp_path: Path, inception_file: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mp.spawn(_in_loop_worker, args=(2, free_port(), str(image_folder), str(inception_file), str(tmp_path)),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"loop{r}.pt", weights_only=True) for r in range(2)]
+    monkeypatch.setenv("HPCGAN_CACHE", str(tmp_path / "cache-single"))
+    values, floors = _in_loop(str(image_folder), str(inception_file), tmp_path / "stats-single", is_main=True)
+    assert ranks[0]["values"] == ranks[1]["values"] and {"swd", "fid"} <= set(values)
+    for key, value in values.items():
+        assert ranks[0]["values"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert ranks[0]["floors"] == pytest.approx(floors, rel=1e-5) and floors["floor/swd"] > 0  # threads differ
+    assert ranks[1]["floors"] == {} and not (tmp_path / "cache-1").exists()  # rank 1 neither computed nor read
+    assert len(list((tmp_path / "cache-0" / "floors").glob("*.json"))) == 1
+    assert ranks[0]["gathered"].tolist() == [0.0, 1.0, 1.0] and ranks[1]["gathered"] is None

@@ -215,3 +215,69 @@ def test_cpu_quickstart_widths_step(capsys):
     with capsys.disabled():
         print(f"\nstylegan2 64 px, widths 4096/128, batch 32: forward+backward {seconds:.2f} s "
               f"on {torch.get_num_threads()} threads")
+
+
+def _grown(clamp, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """G and D as a long run can leave them: styles in the thousands (the affines' biases) and D's
+    convolution weights 30x their initial scale."""
+    from hpcgan.models.stylegan2 import Discriminator
+
+    torch.manual_seed(seed)
+    G, D = Generator(TINY, fp16_clamp=clamp), Discriminator(TINY, fp16_clamp=clamp)
+    with torch.no_grad():
+        for layer in G.layers:
+            layer.conv.affine.bias.fill_(1e4)
+        for name, p in D.named_parameters():
+            if name.endswith("weight") and p.dim() == 4:
+                p.mul_(30)
+    return G, D
+
+
+def _fp16_passes(G: torch.nn.Module, D: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """G's images and D's logits on real-like images, each with a backward, under CPU fp16 autocast:
+    (outputs, every gradient). Overflowing gradients are the loss scaler's to catch, not the clamp's."""
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.float16):
+        images, logits = G(torch.randn(4, 32)), D(torch.randn(4, 1, 64, 64))
+    (images.float().square().mean() + logits.float().sum()).backward()
+    return [images, logits], [p.grad for p in (*G.parameters(), *D.parameters()) if p.grad is not None]
+
+
+def test_fp16_clamp_and_prenormalisation_keep_a_grown_model_finite():
+    """The same grown G and D in fp16: without the clamp and pre-normalisation both forwards overflow to
+    inf/NaN; with them images, logits and every gradient stay finite."""
+    outputs, _ = _fp16_passes(*_grown(clamp=None))
+    assert not any(out.isfinite().all() for out in outputs)
+    G, D = _grown(clamp=256.0)
+    outputs, grads = _fp16_passes(G, D)
+    assert outputs[1].dtype == torch.float16 and all(out.isfinite().all() for out in outputs)
+    assert len(grads) == len([*G.parameters(), *D.parameters()])
+    assert all(g.isfinite().all() for g in grads)
+
+
+def test_fp16_guards_leave_fp32_and_bf16_untouched():
+    """Clamping and pre-normalisation act only in fp16: fp32 and bf16 outputs are bit-identical to
+    a model without them, even where activations exceed the clamp."""
+    for dtype in (None, torch.bfloat16):
+        outputs = []
+        for clamp in (None, 256.0):
+            G, D = _grown(clamp)
+            torch.manual_seed(1)
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                outputs.append((G(torch.randn(4, 32)), D(torch.randn(4, 1, 64, 64))))
+        assert all(torch.equal(a, b) for a, b in zip(*outputs)), dtype
+        assert outputs[0][0].abs().max() > 256 or outputs[0][1].abs().max() > 256
+
+
+def test_fp16_prenormalisation_changes_only_rounding():
+    """At its initial scale a G in fp16 with and without the guards gives the same images up to fp16
+    rounding: pre-normalised scales are divided out again by demodulation."""
+    images = []
+    for clamp in (None, 256.0):
+        torch.manual_seed(0)
+        G = Generator(TINY, fp16_clamp=clamp)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.float16):
+            images.append(G(torch.randn(4, 32)))
+    assert not torch.equal(images[0], images[1])
+    torch.testing.assert_close(images[0], images[1], rtol=0.02, atol=0.02)

@@ -21,8 +21,9 @@ from hpcgan.data import build_reader, load_split
 from hpcgan.data.memory import MemoryReader
 from hpcgan.data.reader import global_position
 from hpcgan.train.checkpoint import rank_file_name
-from hpcgan.train.distributed import resume_on_new_world
-from hpcgan.train.state import TrainState
+from hpcgan.train.distributed import (carry_rank0_augment, from_global_position, rederive_rng,
+                                     resume_on_new_world)
+from hpcgan.train.state import GlobalRNG, TrainState
 
 CPU = torch.device("cpu")
 
@@ -102,8 +103,9 @@ def test_resume_on_new_world_carries_global_state(tmp_path: Path) -> None:
     for rank in (0, 1, 0):
         reader = MemoryReader(indexed_images(32, size=8), seed=0, global_batch=8, rank=rank, world=4)
         pipe = AugmentPipe(cfg, seed=0, rank=rank)
-        line = resume_on_new_world(folder, state, seed=0, rank=rank, world=4, global_batch=8, reader=reader,
-                                   augment=pipe)
+        parts = [("data", reader, from_global_position), ("rng", GlobalRNG(), rederive_rng),
+                 ("augment", pipe, carry_rank0_augment)]
+        line = resume_on_new_world(folder, state, parts, seed=0, rank=rank, world=4, global_batch=8)
         draws.append(torch.rand(4))
         pipes.append(pipe.state_dict())
         assert reader.state_dict() == {"epoch": 1, "batch": 0}
@@ -114,6 +116,19 @@ def test_resume_on_new_world_carries_global_state(tmp_path: Path) -> None:
     assert pipes[0]["signs"].tolist() == [4.0, 8.0] and pipes[1]["signs"].tolist() == [0.0, 0.0]
     assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
     assert torch.equal(pipes[0]["rng"], pipes[2]["rng"]) and not torch.equal(pipes[0]["rng"], pipes[1]["rng"])
+
+
+def test_every_per_rank_part_has_a_reshard_rule(image_folder: Path, tmp_path: Path) -> None:
+    """The trainer's per-rank parts each come with their rule; a part registered without one is refused."""
+    trainer = make_trainer(image_folder, tmp_path / "run", "augment.mode=ada")
+    parts = trainer.ckpt.rank_parts()
+    assert [(name, rule) for name, _, rule in parts] == [
+        ("data", from_global_position), ("rng", rederive_rng), ("augment", carry_rank0_augment)]
+    with pytest.raises(TypeError, match="per-rank checkpoint part 'extra' needs a reshard rule"):
+        trainer.ckpt.register_rank("extra", GlobalRNG(), reshard=None)
+    with pytest.raises(TypeError):
+        trainer.ckpt.register_rank("extra", GlobalRNG())  # the rule is a required argument
+    assert len(trainer.ckpt.rank_parts()) == 3
 
 
 @pytest.mark.slow

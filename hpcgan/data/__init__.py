@@ -19,7 +19,7 @@ from hpcgan.data.images import folder_labels, load_images
 from hpcgan.data.memory import MemoryReader
 from hpcgan.data.reader import Batch, Reader, DataError
 
-__all__ = ["Batch", "Reader", "DataError", "build_reader", "choose_reader", "dali_available", "load_images",
+__all__ = ["SHARD_READERS", "Batch", "Reader", "DataError", "build_reader", "choose_reader", "dali_available", "load_images",
            "load_labelled", "load_split"]
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,31 @@ def load_real(path: str | Path, split: str = "val", size: int | None = None) -> 
     return load_images(path)
 
 
+def _memory(split: shards.Split, cfg: DataConfig, common: dict) -> Reader:
+    images = torch.from_numpy(shards.decode_split(split, cfg.workers)).unsqueeze(1)
+    return MemoryReader(images, device_resident=cfg.device_resident, labels=torch.from_numpy(split.labels),
+                        classes=split.classes, **common)
+
+
+def _webdataset(split: shards.Split, cfg: DataConfig, common: dict) -> Reader:
+    from hpcgan.data.webdataset_reader import WebDatasetReader
+
+    return WebDatasetReader(split, workers=cfg.workers, **common)
+
+
+def _dali(split: shards.Split, cfg: DataConfig, common: dict) -> Reader:
+    if not dali_available():
+        raise DataError("data.reader=dali, but NVIDIA DALI is not installed: pip install 'hpcgan[dali]' "
+                        "(Linux), or set data.reader=webdataset")
+    from hpcgan.data.dali_reader import DaliReader
+
+    return DaliReader(split, workers=cfg.workers, **common)
+
+
+# The readers of a shard folder by `data.reader`; an image folder or tensor file is read by `memory` only.
+SHARD_READERS = {"memory": _memory, "webdataset": _webdataset, "dali": _dali}
+
+
 def build_reader(cfg: DataConfig, *, seed: int, global_batch: int, rank: int, world: int,
                  device: torch.device, resolution: int | None = None) -> Reader:
     """The reader for `cfg` serving this rank's share of each global batch.
@@ -92,20 +117,7 @@ def build_reader(cfg: DataConfig, *, seed: int, global_batch: int, rank: int, wo
         reader = choose_reader(split) if cfg.reader == "auto" else cfg.reader
         log.info("data: %s (%d train images, %dx%d) via the %s reader", path, split.num_images, split.size,
                  split.size, reader)
-        if reader == "memory":
-            images = torch.from_numpy(shards.decode_split(split, cfg.workers)).unsqueeze(1)
-            return MemoryReader(images, device_resident=cfg.device_resident, labels=torch.from_numpy(split.labels),
-                                classes=split.classes, **common)
-        if reader == "webdataset":
-            from hpcgan.data.webdataset_reader import WebDatasetReader
-
-            return WebDatasetReader(split, workers=cfg.workers, **common)
-        if not dali_available():
-            raise DataError("data.reader=dali, but NVIDIA DALI is not installed: pip install 'hpcgan[dali]' "
-                            "(Linux), or set data.reader=webdataset")
-        from hpcgan.data.dali_reader import DaliReader
-
-        return DaliReader(split, workers=cfg.workers, **common)
+        return SHARD_READERS[reader](split, cfg, common)
     if cfg.reader not in ("auto", "memory"):
         raise DataError(f"data.reader={cfg.reader!r} needs prepared shards (hpcgan prepare); {path} is not one")
     images = load_images(path)

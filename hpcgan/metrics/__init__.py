@@ -5,7 +5,7 @@ registers them all. `utility_test` is no registered metric: it needs class label
 """
 
 from hpcgan.metrics.cache import RealStatsCache
-from hpcgan.metrics.distributed import compute_real_stats, evaluate_distributed, gather_rows, shard
+from hpcgan.metrics.distributed import compute_real_stats, evaluate_distributed, gather_to_main, shard
 from hpcgan.metrics.encoder import (
     EncoderSettings,
     SSLFeatures,
@@ -29,7 +29,8 @@ from hpcgan.metrics.frechet import fid_from_features, frechet_distance, kid_from
 from hpcgan.metrics.knn_pr import density_coverage, knn_radii, precision_recall
 from hpcgan.metrics.memorization import AuditResult, memorization_audit, save_pairs_png
 from hpcgan.metrics.msssim import ms_ssim, ms_ssim_diversity, ssim
-from hpcgan.metrics.registry import MetricContext, available, evaluate, get, register, uses_features
+from hpcgan.metrics.registry import (MetricContext, available, best_names, evaluate, get, register,
+                                     uses_features)
 from hpcgan.metrics.sliced_wasserstein import laplacian_pyramid, swd
 from hpcgan.metrics.spaces import load_extractor
 from hpcgan.metrics.stats import RealStats, feature_stats
@@ -39,10 +40,10 @@ from hpcgan.metrics.validation import Disturbance, copy_audit, disturbance_curve
 __all__ = [
     "AuditResult", "ClassifierSettings", "Disturbance", "EncoderSettings", "FeatureExtractor",
     "FeatureWeightsError", "MetricContext", "PixelProjection", "RealStats", "RealStatsCache", "SSLFeatures",
-    "TorchScriptFeatures", "WEIGHTS_ENV", "available", "balanced_accuracy", "compute_real_stats", "copy_audit",
+    "TorchScriptFeatures", "WEIGHTS_ENV", "available", "balanced_accuracy", "best_names", "compute_real_stats", "copy_audit",
     "data_fingerprint", "default_cache_dir", "density_coverage", "disturbance_curves", "encoder_path", "evaluate",
     "evaluate_distributed", "extract", "feature_stats", "fid_from_features", "find_encoder", "frechet_distance",
-    "gather_rows", "get", "kid_from_features", "kid_subsets", "knn_radii", "laplacian_pyramid", "load_extractor",
+    "gather_to_main", "get", "kid_from_features", "kid_subsets", "knn_radii", "laplacian_pyramid", "load_extractor",
     "load_torchscript", "macro_auc", "markdown_table", "memorization_audit", "monotone", "ms_ssim",
     "ms_ssim_diversity", "precision_recall", "register", "resolve_weights", "save_pairs_png", "shard", "ssim",
     "swd", "train_features", "uses_features", "utility_test",

@@ -1,8 +1,8 @@
 """Metrics over several processes with exactly the values of one process.
 
 Each rank generates and featurises a contiguous share of the items (`shard`), the shares are
-all-gathered in rank order, and rank 0 computes the metrics on the reassembled sets and broadcasts
-the result. Only the expensive, embarrassingly parallel part (generation, feature network) is
+gathered in rank order to rank 0 only, and rank 0 computes the metrics on the reassembled sets (and
+the real statistics, once) and broadcasts the result. Only the expensive, embarrassingly parallel part (generation, feature network) is
 split; the metric arithmetic sees the same inputs in the same order as a single process, so the
 values agree to float rounding of the feature network. For that, draw latents for the global set
 and slice them: `z = torch.randn(n, nz, generator=torch.Generator().manual_seed(seed))[shard(n)]`.
@@ -39,9 +39,14 @@ def shard(n: int, group: Group = None) -> slice:
     return slice(rank * n // world, (rank + 1) * n // world)
 
 
-def gather_rows(local: torch.Tensor, group: Group = None) -> torch.Tensor:
-    """Concatenate every rank's rows in rank order (shares may differ in length)."""
-    _, world = _rank_world(group)
+def _main(group: Group) -> int:
+    """The global rank of `group`'s rank 0."""
+    return dist.get_global_rank(group, 0) if group is not None else 0
+
+
+def gather_to_main(local: torch.Tensor, group: Group = None) -> torch.Tensor | None:
+    """Every rank's rows in rank order on rank 0, None on the others (shares may differ in length)."""
+    rank, world = _rank_world(group)
     if world == 1:
         return local
     size = torch.tensor([len(local)], device=local.device)
@@ -50,28 +55,35 @@ def gather_rows(local: torch.Tensor, group: Group = None) -> torch.Tensor:
     counts = [int(s) for s in sizes]
     padded = local.new_zeros((max(counts), *local.shape[1:]))
     padded[:len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+    parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, parts, dst=_main(group), group=group)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)]) if rank == 0 else None
+
+
+def _main_says(flag: bool, device: torch.device, group: Group) -> bool:
+    """Rank 0's `flag`, on every rank."""
+    if _rank_world(group)[1] == 1:
+        return flag
+    box = torch.tensor([int(flag)], device=device)
+    dist.broadcast(box, src=_main(group), group=group)
+    return bool(box.item())
 
 
 def compute_real_stats(real_local: torch.Tensor, extractor: FeatureExtractor, *,
-                       cache: RealStatsCache | None = None, key: str = "", group: Group = None) -> RealStats:
-    """Real-set features and Gaussian fit, from `cache` when every rank finds it there.
-
-    Ranks agree on hit/miss before computing: one rank seeing a file another does not (shared
-    file systems lag) would otherwise leave the others waiting in the gather forever.
-    """
-    rank, world = _rank_world(group)
-    stats = cache.load(key, extractor) if cache is not None else None
-    if world > 1:
-        hit = torch.tensor([int(stats is not None)], device=real_local.device)
-        dist.all_reduce(hit, op=dist.ReduceOp.MIN, group=group)
-        stats = stats if int(hit) else None
-    if stats is None:
-        stats = RealStats.from_features(gather_rows(extract(extractor, real_local), group))
-        if cache is not None and rank == 0:
-            cache.save(key, extractor, stats)
+                       cache: RealStatsCache | None = None, key: str = "", group: Group = None) -> RealStats | None:
+    """Real-set features and Gaussian fit on rank 0 (None on the others, which only featurise their
+    share): from `cache` when rank 0 finds it there, else computed and cached by rank 0. Rank 0's hit or
+    miss is sent to all, so they featurise together or not at all."""
+    rank, _ = _rank_world(group)
+    stats = cache.load(key, extractor) if cache is not None and rank == 0 else None
+    if _main_says(stats is not None, real_local.device, group):
+        return stats
+    features = gather_to_main(extract(extractor, real_local), group)
+    if rank != 0:
+        return None
+    stats = RealStats.from_features(features)
+    if cache is not None:
+        cache.save(key, extractor, stats)
     return stats
 
 
@@ -79,7 +91,8 @@ def evaluate_distributed(names: Iterable[str], real_local: torch.Tensor, fake_lo
                          extractor: FeatureExtractor | None = None, seed: int = 0,
                          out_dir: str | Path | None = None, real_stats: RealStats | None = None,
                          heldout: torch.Tensor | None = None, group: Group = None) -> Result:
-    """`evaluate` on the union of every rank's shares; all ranks call it and all get the result."""
+    """`evaluate` on the union of every rank's shares; all ranks call it and all get the result.
+    `real_stats` counts on rank 0 (what `compute_real_stats` returns there)."""
     names = list(names)
     for name in names:  # fail on every rank before any collective, never on rank 0 alone
         get(name)
@@ -87,10 +100,10 @@ def evaluate_distributed(names: Iterable[str], real_local: torch.Tensor, fake_lo
     real_local, fake_local = real_local.detach(), fake_local.detach()
     fake_features = None
     if extractor is not None and uses_features(names):
-        fake_features = gather_rows(extract(extractor, fake_local), group)
-        if real_stats is None:
+        fake_features = gather_to_main(extract(extractor, fake_local), group)
+        if _main_says(real_stats is None, real_local.device, group):
             real_stats = compute_real_stats(real_local, extractor, group=group)
-    real, fake = gather_rows(real_local, group), gather_rows(fake_local, group)
+    real, fake = gather_to_main(real_local, group), gather_to_main(fake_local, group)
     result: Result | None = None
     error: Exception | None = None
     if rank == 0:
@@ -102,8 +115,7 @@ def evaluate_distributed(names: Iterable[str], real_local: torch.Tensor, fake_lo
     if world > 1:
         # a plain string for a failure: not every exception survives pickling
         box: list[Result | str | None] = [result if error is None else f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0,
-                                   group=group)
+        dist.broadcast_object_list(box, src=_main(group), group=group)
         if rank != 0:
             if isinstance(box[0], str):
                 raise RuntimeError(f"metrics failed on rank 0: {box[0]}")

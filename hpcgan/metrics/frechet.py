@@ -89,7 +89,7 @@ def kid_from_features(real: ArrayLike, fake: ArrayLike, *, subsets: int = 100, s
     return float(kid_subsets(real, fake, subsets=subsets, subset_size=subset_size, seed=seed).mean())
 
 
-@register("fid", features=True)
+@register("fid", features=True, best=True)
 def _fid(ctx: MetricContext) -> Result:
     """Key "fid" in Inception-like spaces, "fd<suffix>" (e.g. "fd_ssl") where the extractor asks for a suffix."""
     if not ctx.has_features():
@@ -103,7 +103,7 @@ def _fid(ctx: MetricContext) -> Result:
     return {f"fd{suffix}" if suffix else "fid": value, "features": ctx.feature_space()}
 
 
-@register("kid", features=True)
+@register("kid", features=True, best=True)
 def _kid(ctx: MetricContext) -> Result:
     if not ctx.has_features():
         return {"kid_skipped": NO_FEATURES}

@@ -74,17 +74,21 @@ class MetricContext:
 MetricFn = Callable[[MetricContext], Result]
 _REGISTRY: dict[str, MetricFn] = {}
 _USES_FEATURES: set[str] = set()
+_BEST: set[str] = set()
 
 
-def register(name: str, *, features: bool = False) -> Callable[[MetricFn], MetricFn]:
+def register(name: str, *, features: bool = False, best: bool = False) -> Callable[[MetricFn], MetricFn]:
     """features=True: the metric reads `ctx.features(...)` when a network is available, so a
-    distributed evaluation featurises each rank's share up front."""
+    distributed evaluation featurises each rank's share up front. best=True: its value under `name` is
+    lower for a better generator, so it may select the best checkpoint (`metrics.best`)."""
     def deco(fn: MetricFn) -> MetricFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"metric {name!r} is already registered")
         _REGISTRY[name] = fn
         if features:
             _USES_FEATURES.add(name)
+        if best:
+            _BEST.add(name)
         return fn
     return deco
 
@@ -102,6 +106,11 @@ def get(name: str) -> MetricFn:
 
 def available() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def best_names() -> list[str]:
+    """The metrics that may select the best checkpoint."""
+    return sorted(_BEST)
 
 
 def evaluate(names: Iterable[str], real: torch.Tensor, fake: torch.Tensor, *,

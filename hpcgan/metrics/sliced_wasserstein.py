@@ -127,6 +127,6 @@ def swd(real_images: torch.Tensor, fake_images: torch.Tensor, *, patches_per_ima
     return out
 
 
-@register("swd")
+@register("swd", best=True)
 def _swd(ctx: MetricContext) -> Result:
     return dict(swd(ctx.real, ctx.fake, seed=ctx.seed))

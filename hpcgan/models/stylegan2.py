@@ -24,6 +24,13 @@ Choices made for portability and speed, all in ordinary PyTorch ops:
 - Each LeakyReLU's gain sqrt(2) (and the residual 1/sqrt(2)) is folded into the small weight, bias
   and style tensors, since LeakyReLU commutes with positive scaling: no extra pass over activations.
 - Noise inputs and style mixing draw from the global RNG of the input's device: checkpoints restore it.
+
+fp16 (`train.mixed_precision=fp16`): its range ends at 65504, and styles and weights grow over a long
+run until a product overflows to inf and then NaN, as StyleGAN2-ADA observed. Layers running in fp16
+therefore clamp their outputs to +-256 (`FP16_CLAMP`), and a demodulated convolution first divides its
+weight (per output channel) and its styles (per sample) by their largest magnitude, so the activations
+it multiplies stay small; demodulation divides both scales out again, so only rounding changes. In
+float32 and bf16 (float32's range) neither happens: those outputs are exactly what they were.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from torch import nn
 from hpcgan.config import ModelConfig
 
 GAIN = math.sqrt(2)  # LeakyReLU(0.2) gain: keeps activations' scale through the layers
+FP16_CLAMP = 256.0  # bound on a layer's fp16 outputs: far below fp16's 65504, far above useful activations
 
 
 def widths(cfg: ModelConfig) -> dict[int, int]:
@@ -64,6 +72,18 @@ def full_precision(x: torch.Tensor) -> torch.autocast:
     return torch.autocast(x.device.type, enabled=False)
 
 
+def runs_in_fp16(x: torch.Tensor) -> bool:
+    """Whether a layer given `x` computes in float16: x is, or autocast casts to it."""
+    kind = x.device.type
+    return x.dtype == torch.float16 or (torch.is_autocast_enabled(kind) and
+                                        torch.get_autocast_dtype(kind) == torch.float16)
+
+
+def clamp_fp16(x: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """`x` within +-limit if it is float16 (an overflowed inf becomes the limit); otherwise untouched."""
+    return x.clamp(-limit, limit) if limit is not None and x.dtype == torch.float16 else x
+
+
 class Dense(nn.Module):
     """A fully connected layer with equalised learning rate, a learning-rate multiplier and an optional
     LeakyReLU."""
@@ -86,13 +106,13 @@ class Conv(nn.Module):
     an output `gain` (after the activation's)."""
 
     def __init__(self, c_in: int, c_out: int, k: int, *, bias: bool = True, act: bool = True,
-                 down: bool = False, gain: float = 1.0) -> None:
+                 down: bool = False, gain: float = 1.0, clamp: float | None = FP16_CLAMP) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
         self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
         gain *= GAIN if act else 1.0
         self.weight_gain, self.bias_gain = gain / math.sqrt(c_in * k * k), gain
-        self.act, self.down, self.k = act, down, k
+        self.act, self.down, self.k, self.clamp = act, down, k, clamp
         if down:
             self.register_buffer("blur", blur_kernel(), persistent=False)
 
@@ -103,7 +123,7 @@ class Conv(nn.Module):
             x = F.conv2d(blur(x, self.blur, padding=(self.k + 1) // 2), weight, bias, stride=2)
         else:
             x = F.conv2d(x, weight, bias, padding=self.k // 2)
-        return F.leaky_relu(x, 0.2) if self.act else x
+        return clamp_fp16(F.leaky_relu(x, 0.2) if self.act else x, self.clamp)
 
 
 def normalize_2nd_moment(x: torch.Tensor) -> torch.Tensor:
@@ -140,8 +160,9 @@ class ModulatedConv(nn.Module):
     output is scaled back to unit variance (StyleGAN2's replacement of AdaIN). `up` doubles the size."""
 
     def __init__(self, c_in: int, c_out: int, w_dim: int, k: int = 3, *, demodulate: bool = True,
-                 up: bool = False, gain: float = 1.0) -> None:
+                 up: bool = False, gain: float = 1.0, clamp: float | None = FP16_CLAMP) -> None:
         super().__init__()
+        self.clamp = clamp
         self.affine = Dense(w_dim, c_in, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
         # Demodulation divides out the weight's scale: only without it does the 1/sqrt(fan_in) gain matter.
@@ -152,45 +173,54 @@ class ModulatedConv(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`bias` (c_out,), for a demodulating convolution, is added in the demodulation's pass."""
+        weight, prenormalise = self.weight, self.demodulate and self.clamp is not None and runs_in_fp16(x)
         with full_precision(w):
             styles = self.affine(w.float())
-            if self.demodulate:  # 1 / ||weight_oi * style_i|| per sample and output channel
-                sigma = styles.square() @ self.weight.float().square().sum(dim=(2, 3)).t()
+            if self.demodulate:
+                if prenormalise:  # scales that demodulation divides out again
+                    weight = weight / weight.detach().abs().amax(dim=(1, 2, 3), keepdim=True)
+                    styles = styles / styles.detach().abs().amax(dim=1, keepdim=True)
+                # 1 / ||weight_oi * style_i|| per sample and output channel
+                sigma = styles.square() @ weight.float().square().sum(dim=(2, 3)).t()
                 out_scale = (sigma + 1e-8).rsqrt() * self.gain
             else:
                 styles = styles * self.gain
         x = x * styles.to(x.dtype)[:, :, None, None]
         if self.up:  # = bilinear upsampling, then the 3x3 convolution (with the kernel flipped)
-            x = F.conv_transpose2d(x, self.weight.transpose(0, 1), stride=2)
+            x = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
             x = blur(x, self.blur, padding=1)
         else:
-            x = F.conv2d(x, self.weight, padding=self.k // 2)
+            x = F.conv2d(x, weight, padding=self.k // 2)
         if not self.demodulate:
-            return x
-        return torch.addcmul(bias.to(x.dtype)[:, None, None], x, out_scale.to(x.dtype)[:, :, None, None])
+            return clamp_fp16(x, self.clamp)
+        x = torch.addcmul(bias.to(x.dtype)[:, None, None], x, out_scale.to(x.dtype)[:, :, None, None])
+        return clamp_fp16(x, self.clamp)
 
 
 class SynthesisLayer(nn.Module):
     """Modulated 3x3 convolution, per-pixel noise of learned strength, bias, LeakyReLU."""
 
-    def __init__(self, c_in: int, c_out: int, w_dim: int, up: bool = False) -> None:
+    def __init__(self, c_in: int, c_out: int, w_dim: int, up: bool = False,
+                 clamp: float | None = FP16_CLAMP) -> None:
         super().__init__()
-        self.conv = ModulatedConv(c_in, c_out, w_dim, up=up, gain=GAIN)
+        self.conv = ModulatedConv(c_in, c_out, w_dim, up=up, gain=GAIN, clamp=clamp)
+        self.clamp = clamp
         self.noise_strength = nn.Parameter(torch.zeros([]))
         self.bias = nn.Parameter(torch.zeros(c_out))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x = self.conv(x, w, self.bias * GAIN)
         noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
-        return F.leaky_relu(torch.addcmul(x, noise, (self.noise_strength * GAIN).to(x.dtype)), 0.2)
+        x = F.leaky_relu(torch.addcmul(x, noise, (self.noise_strength * GAIN).to(x.dtype)), 0.2)
+        return clamp_fp16(x, self.clamp)
 
 
 class ToGray(nn.Module):
     """Modulated 1x1 convolution to image channels, without demodulation (StyleGAN2's ToRGB)."""
 
-    def __init__(self, c_in: int, channels: int, w_dim: int) -> None:
+    def __init__(self, c_in: int, channels: int, w_dim: int, clamp: float | None = FP16_CLAMP) -> None:
         super().__init__()
-        self.conv = ModulatedConv(c_in, channels, w_dim, k=1, demodulate=False)
+        self.conv = ModulatedConv(c_in, channels, w_dim, k=1, demodulate=False, clamp=clamp)
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -198,18 +228,19 @@ class ToGray(nn.Module):
 
 
 class Generator(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, fp16_clamp: float | None = FP16_CLAMP) -> None:
+        """`fp16_clamp`: the bound of fp16 outputs; None turns clamping and pre-normalisation off."""
         super().__init__()
         self.nz, self.style_mixing, self.num_classes = cfg.nz, cfg.style_mixing, cfg.num_classes
-        ch = widths(cfg)
+        ch, c = widths(cfg), fp16_clamp
         self.mapping = Mapping(cfg)
         self.const = nn.Parameter(torch.randn(ch[4], 4, 4))
-        self.layers = nn.ModuleList([SynthesisLayer(ch[4], ch[4], cfg.w_dim)])
-        self.to_gray = nn.ModuleList([ToGray(ch[4], cfg.channels, cfg.w_dim)])
+        self.layers = nn.ModuleList([SynthesisLayer(ch[4], ch[4], cfg.w_dim, clamp=c)])
+        self.to_gray = nn.ModuleList([ToGray(ch[4], cfg.channels, cfg.w_dim, clamp=c)])
         for res in list(ch)[1:]:
-            self.layers.extend([SynthesisLayer(ch[res // 2], ch[res], cfg.w_dim, up=True),
-                                SynthesisLayer(ch[res], ch[res], cfg.w_dim)])
-            self.to_gray.append(ToGray(ch[res], cfg.channels, cfg.w_dim))
+            self.layers.extend([SynthesisLayer(ch[res // 2], ch[res], cfg.w_dim, up=True, clamp=c),
+                                SynthesisLayer(ch[res], ch[res], cfg.w_dim, clamp=c)])
+            self.to_gray.append(ToGray(ch[res], cfg.channels, cfg.w_dim, clamp=c))
 
     @property
     def num_styles(self) -> int:
@@ -256,11 +287,11 @@ class Generator(nn.Module):
 class DBlock(nn.Module):
     """Two convolutions, the second halving the size, beside a filtered 1x1 skip; summed at unit variance."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, clamp: float | None = FP16_CLAMP) -> None:
         super().__init__()
-        self.conv0 = Conv(c_in, c_in, 3)
-        self.conv1 = Conv(c_in, c_out, 3, down=True, gain=math.sqrt(0.5))
-        self.skip = Conv(c_in, c_out, 1, bias=False, act=False, down=True, gain=math.sqrt(0.5))
+        self.conv0 = Conv(c_in, c_in, 3, clamp=clamp)
+        self.conv1 = Conv(c_in, c_out, 3, down=True, gain=math.sqrt(0.5), clamp=clamp)
+        self.skip = Conv(c_in, c_out, 1, bias=False, act=False, down=True, gain=math.sqrt(0.5), clamp=clamp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip(x) + self.conv1(self.conv0(x))
@@ -279,13 +310,14 @@ def minibatch_stddev(x: torch.Tensor, group: int = 4) -> torch.Tensor:
 
 
 class Discriminator(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, fp16_clamp: float | None = FP16_CLAMP) -> None:
+        """`fp16_clamp`: the bound of its convolutions' fp16 outputs; None turns clamping off."""
         super().__init__()
-        ch = widths(cfg)
+        ch, c = widths(cfg), fp16_clamp
         resolutions = sorted(ch, reverse=True)  # R .. 4
-        self.from_gray = Conv(cfg.channels, ch[resolutions[0]], 1)
-        self.blocks = nn.Sequential(*[DBlock(ch[r], ch[r // 2]) for r in resolutions[:-1]])
-        self.conv = Conv(ch[4] + 1, ch[4], 3)
+        self.from_gray = Conv(cfg.channels, ch[resolutions[0]], 1, clamp=c)
+        self.blocks = nn.Sequential(*[DBlock(ch[r], ch[r // 2], clamp=c) for r in resolutions[:-1]])
+        self.conv = Conv(ch[4] + 1, ch[4], 3, clamp=c)
         self.dense = Dense(ch[4] * 16, ch[4], act=True)
         self.out = Dense(ch[4], 1)
         self.num_classes = cfg.num_classes

@@ -267,6 +267,10 @@ def load_torch(path: Path) -> Any:
 # A checkpoint folder, or a checkpoint held in memory ({file name: serialised bytes}, from `snapshot`).
 Source = Union[Path, dict[str, Any]]
 
+# How a per-rank part continues from a checkpoint written by another number of processes: called with the part
+# and the resume's context (hpcgan.train.distributed.NewWorld), it sets the part's state and says what it did.
+Reshard = Callable[[Any, Any], str]
+
 
 class Stateful(Protocol):
     def state_dict(self) -> Any: ...
@@ -280,6 +284,7 @@ class _Part:
     part: Stateful
     file: str  # a shared file (rank 0 writes it) or "" for the per-rank file
     optional: bool  # may be missing (its file or its entry); loading then leaves it as it is
+    reshard: Reshard | None = None  # per-rank parts: how they continue on another number of processes
 
 
 class CheckpointManager:
@@ -310,9 +315,18 @@ class CheckpointManager:
         whose state is text); parts load in the order they were registered."""
         self._parts.append(_Part(name, part, file, optional))
 
-    def register_rank(self, name: str, part: Stateful) -> None:
-        """Save `part.state_dict()` under `name` in each rank's own file."""
-        self._parts.append(_Part(name, part, "", False))
+    def register_rank(self, name: str, part: Stateful, *, reshard: Reshard) -> None:
+        """Save `part.state_dict()` under `name` in each rank's own file. `reshard` is its rule for a
+        checkpoint another number of processes wrote (the rules are in hpcgan.train.distributed): a
+        per-rank part without one would silently restart from scratch on a change of world size."""
+        if not callable(reshard):
+            raise TypeError(f"per-rank checkpoint part '{name}' needs a reshard rule "
+                            f"(see hpcgan.train.distributed), got {reshard!r}")
+        self._parts.append(_Part(name, part, "", False, reshard))
+
+    def rank_parts(self) -> list[tuple[str, Stateful, Reshard]]:
+        """The per-rank parts with their reshard rules, in registration order."""
+        return [(p.name, p.part, p.reshard) for p in self._parts if not p.file]
 
     def _gather(self, overrides: dict[str, Any]) -> dict[str, Any]:
         files: dict[str, Any] = {}

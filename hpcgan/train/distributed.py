@@ -11,7 +11,8 @@ joins the threads.
 Resuming on another number of processes. A checkpoint holds one file of RNG and reader state per rank
 that wrote it, which does not fit a different set of ranks. What carries over is global: the batch size
 (`train.batch_size` is global), the data position as (epoch, global batch index), the augmentation's p
-and its ADA tally; each rank's RNG streams are derived afresh from (seed, rank, step).
+and its ADA tally; each rank's RNG streams are derived afresh from (seed, rank, step). Every per-rank part
+is registered with the rule that does this for it (the reshard rules below).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import re
 import sys
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,7 @@ import torch.distributed as dist
 from accelerate.state import AcceleratorState
 
 from hpcgan.data.reader import Reader, global_position
-from hpcgan.train.checkpoint import load_torch, rank_file_name
+from hpcgan.train.checkpoint import Reshard, load_torch, rank_file_name
 from hpcgan.train.run_folder import CONFIG_FILE, config_of
 from hpcgan.train.state import TrainState, seed_everything
 
@@ -41,10 +45,47 @@ if dist.is_available():
 log = logging.getLogger(__name__)
 
 
-def agree(ok: bool, world: int, device: torch.device) -> bool:
-    """True on every rank only if `ok` is True on every rank; also a barrier."""
+class PeerTimeout(RuntimeError):
+    """Some ranks did not reach a cross-rank check within `train.dist_timeout_s`; the message names them."""
+
+
+_monitor: dict[str, Any] = {}  # the gloo group that checks which ranks arrive, made once per process group
+
+
+def _monitor_group() -> Any:
+    """A gloo group over all ranks (the default group itself when that is gloo): `monitored_barrier`,
+    which names the ranks that fail to arrive, exists on gloo only. Made at the first check, which every
+    rank reaches in the same order."""
+    if _monitor.get("world") is not dist.group.WORLD:
+        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        _monitor.update(world=dist.group.WORLD, group=group)
+    return _monitor["group"]
+
+
+def arrive(timeout_s: float) -> None:
+    """Wait for every rank; raises PeerTimeout naming those that did not come within `timeout_s`."""
+    rank = dist.get_rank()
+    try:
+        dist.monitored_barrier(_monitor_group(), timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as err:
+        text = str(err)
+        late = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
+        if rank == 0 and late:
+            who = late.group(1).strip(", ")
+            raise PeerTimeout(f"rank{'s' if ',' in who else ''} {who} of {dist.get_world_size()} did not reach the "
+                              f"cross-rank check within train.dist_timeout_s={timeout_s:g} s: see that rank's log "
+                              "(hung, crashed or stalled on I/O); raise train.dist_timeout_s if it is only slow") from None
+        raise PeerTimeout(f"rank {rank}: rank 0 left or did not complete the cross-rank check within "
+                          f"train.dist_timeout_s={timeout_s:g} s: see rank 0's log") from None
+
+
+def agree(ok: bool, world: int, device: torch.device, timeout_s: float | None = None) -> bool:
+    """True on every rank only if `ok` is True on every rank; also a barrier. With `timeout_s`, ranks that
+    do not arrive in time are named (PeerTimeout) instead of failing the collective anonymously."""
     if world == 1:
         return ok
+    if timeout_s is not None:
+        arrive(timeout_s)
     flag = torch.tensor([1.0 if ok else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
@@ -77,6 +118,7 @@ def release_distributed() -> None:
         except RuntimeError as err:
             log.warning("final barrier failed (%s): a peer left early; leaving without it", err)
     dist.destroy_process_group()
+    _monitor.clear()
     AcceleratorState._reset_state(reset_partial_state=True)
     gc.collect()
     del group  # dropped with the GIL released; as the last reference, its destructor joins the threads
@@ -89,31 +131,59 @@ def resume_seed(seed: int, rank: int, step: int, stream: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-def resume_on_new_world(folder: Path, state: TrainState, *, seed: int, rank: int, world: int, global_batch: int,
-                        reader: Reader, augment: Any | None) -> str:
+@dataclass(frozen=True)
+class NewWorld:
+    """What a reshard rule knows of a resume on another number of processes."""
+
+    folder: Path  # the checkpoint
+    state: TrainState  # loaded already: step, data position, and `world_size`, the writers' number
+    seed: int
+    rank: int
+    world: int
+
+    def seed_for(self, stream: str) -> int:
+        return resume_seed(self.seed, self.rank, self.state.step, stream)
+
+
+def resume_on_new_world(folder: Path, state: TrainState, parts: list[tuple[str, Any, Reshard]], *, seed: int,
+                        rank: int, world: int, global_batch: int) -> str:
     """Continue `folder`, written by `state.world_size` processes, on `world`; returns what changed, in a line.
 
-    The shared parts (weights, optimizers, EMA, `state`) are loaded already; a per-rank file this rank may
-    have found is overridden: the reader goes to the global position rank 0 saved, every RNG stream is
-    re-derived from (seed, rank, step), and the augmentation takes rank 0's p with the ADA tally of all
-    old ranks, on rank 0 only (the next adjustment sums it over the ranks, as it would have).
+    The shared parts (weights, optimizers, EMA, `state`) are loaded already; each per-rank part of `parts`
+    (the checkpoint manager's `rank_parts()`) is set by its own reshard rule, overriding a file this rank
+    may have found.
     """
-    before = state.world_size
-    position = global_position(state.data)
+    new = NewWorld(folder, state, seed, rank, world)
+    lines = [f"resuming with {_processes(world)} a checkpoint written by {state.world_size}: "
+             f"{_batch_change(folder, global_batch, world)}"]
+    lines += [reshard(part, new) for _, part, reshard in parts]
+    return ", ".join(lines)
+
+
+# Reshard rules (CheckpointManager.register_rank): each sets a per-rank part for a new world, and says how.
+def from_global_position(reader: Reader, new: NewWorld) -> str:
+    """Take the global data position (epoch, global batch index) rank 0 saved in the shared state."""
+    position = global_position(new.state.data)
     reader.load_state_dict(position)
-    seed_everything(resume_seed(seed, rank, state.step, "global"))
-    parts = [f"resuming with {_processes(world)} a checkpoint written by {before}: "
-             f"{_batch_change(folder, global_batch, world)}",
-             f"data position epoch {position['epoch']} batch {position['batch']} kept"]
+    line = f"data position epoch {position['epoch']} batch {position['batch']} kept"
     if not reader.world_invariant:
-        parts[-1] += (f" (this reader splits an epoch by process count: the rest of epoch {position['epoch']} "
-                      f"may repeat or skip samples; exact again from epoch {position['epoch'] + 1})")
-    parts.append("RNG streams re-derived from (seed, rank, step)")
-    if augment is not None:
-        augment.load_state_dict(_merged_augment(folder, augment, before, rank,
-                                                resume_seed(seed, rank, state.step, "augment")))
-        parts.append(f"augmentation p={augment.p:.4g} kept")
-    return ", ".join(parts)
+        line += (f" (this reader splits an epoch by process count: the rest of epoch {position['epoch']} "
+                 f"may repeat or skip samples; exact again from epoch {position['epoch'] + 1})")
+    return line
+
+
+def rederive_rng(_: Any, new: NewWorld) -> str:
+    """Seed this process's global RNG streams afresh from (seed, rank, step)."""
+    seed_everything(new.seed_for("global"))
+    return "RNG streams re-derived from (seed, rank, step)"
+
+
+def carry_rank0_augment(augment: Any, new: NewWorld) -> str:
+    """Take old rank 0's augmentation p, with the ADA tally of every old rank on rank 0 only (the next
+    adjustment sums it over the ranks, as it would have), and a fresh RNG from (seed, rank, step)."""
+    augment.load_state_dict(_merged_augment(new.folder, augment, new.state.world_size, new.rank,
+                                            new.seed_for("augment")))
+    return f"augmentation p={augment.p:.4g} kept"
 
 
 def _processes(n: int) -> str:

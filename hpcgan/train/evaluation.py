@@ -4,14 +4,14 @@ number beside its real floor.
 The real subset, its cached statistics and the latent vectors (with a conditional run's classes, in the
 training data's proportions) are fixed at start, so every evaluation measures the same thing and curves
 are comparable across restarts. Each rank generates its share; the metrics package gathers the shares
-and all ranks get the same numbers. Nothing here touches the training RNG streams (every draw uses its
+on rank 0 and all ranks get the same numbers. Nothing here touches the training RNG streams (every draw uses its
 own seeded generator), so metrics never change training.
 
 The floor is what real slices score under the same protocol: training slices against the held-out set
 (`floor`: what a generator that draws from the training distribution would score) and two halves of
 the training slices (`floor_halves`). A number means something only beside it: an SWD of 61 says
-little until one knows that real-vs-real scores 12. Floors are computed once per data set and cached
-by its fingerprint.
+little until one knows that real-vs-real scores 12. Floors are computed once per data set, by rank 0,
+and cached by its fingerprint.
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ def with_floors(values: dict[str, float], floors: dict[str, float]) -> str:
 
 class InLoopMetrics:
     def __init__(self, cfg: Config, device: torch.device, cache_dir: Path,
-                 class_counts: list[int] | None = None) -> None:
-        """`class_counts`: a conditional run's training images per class; generated classes follow them."""
+                 class_counts: list[int] | None = None, is_main: bool = True) -> None:
+        """`class_counts`: a conditional run's training images per class; generated classes follow them.
+        Only the main process (`is_main`, global rank 0) computes the real floors: it alone reports them."""
         mcfg = cfg.metrics
         self.names, self.seed = list(mcfg.names), cfg.seed
         real = load_real(cfg.data.path, split="val", size=cfg.model.resolution)
@@ -101,7 +102,8 @@ class InLoopMetrics:
         if self.extractor is not None and M.uses_features(self.names):
             key = f"{dataset_key(cfg.data.path)}-r{cfg.model.resolution}-n{n}-seed{cfg.seed}"
             self.stats = M.compute_real_stats(self.real, self.extractor, cache=M.RealStatsCache(cache_dir), key=key)
-        self.floors = real_floors(cfg.data.path, self.names, cfg.model.resolution, n, cfg.seed, self.extractor)
+        self.floors = real_floors(cfg.data.path, self.names, cfg.model.resolution, n, cfg.seed, self.extractor) \
+            if is_main else {}
 
     def __call__(self, generator: torch.nn.Module) -> dict[str, float]:
         fake = generate(generator, self.z, self.labels)

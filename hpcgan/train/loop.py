@@ -23,7 +23,8 @@ from hpcgan.models.ema import EMA, ema_decay
 from hpcgan.models.losses import d_loss, g_loss, r1_penalty
 from hpcgan.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointManager, Source, step_dir_name
 from hpcgan.train.conditioning import check_classes, resolve_classes, run_classes, step_labels
-from hpcgan.train.distributed import agree, release_distributed, resume_on_new_world, resume_seed, share
+from hpcgan.train.distributed import (agree, carry_rank0_augment, from_global_position, rederive_rng,
+                                     release_distributed, resume_on_new_world, resume_seed, share)
 from hpcgan.train.guard import EXIT_DIVERGED, Guard, all_finite
 from hpcgan.train.precision import precision_name
 from hpcgan.train.progress import Reporter, StepStats
@@ -93,13 +94,13 @@ class Trainer:
         if self.acc.scaler is not None:
             ckpt.register("scaler", self.acc.scaler, file="optim.pt", optional=True)
         ckpt.register("state", self.state, file=STATE_FILE)
-        ckpt.register_rank("rng", GlobalRNG())
+        ckpt.register_rank("data", self.reader, reshard=from_global_position)
+        ckpt.register_rank("rng", GlobalRNG(), reshard=rederive_rng)
         if self.augment is not None:  # per rank: each rank's augmentation stream is its own
-            ckpt.register_rank("augment", self.augment)
-        ckpt.register_rank("data", self.reader)
+            ckpt.register_rank("augment", self.augment, reshard=carry_rank0_augment)
 
     def _agree(self, ok: bool) -> bool:
-        return agree(ok, self.world, self.device)
+        return agree(ok, self.world, self.device, self.cfg.train.dist_timeout_s)
 
     # ------------------------------------------------------------------ resume
     def _restore(self, folder: Path) -> None:
@@ -111,9 +112,8 @@ class Trainer:
         """Load a checkpoint; one written by another number of processes continues in global terms."""
         classes = self.state.classes
         if not self.ckpt.load(source) or self.state.world_size != self.world:
-            change = resume_on_new_world(source, self.state, seed=self.cfg.seed, rank=self.rank, world=self.world,
-                                         global_batch=self.cfg.train.batch_size, reader=self.reader,
-                                         augment=self.augment)
+            change = resume_on_new_world(source, self.state, self.ckpt.rank_parts(), seed=self.cfg.seed,
+                                         rank=self.rank, world=self.world, global_batch=self.cfg.train.batch_size)
             if self.is_main:
                 log.info("%s", change)
         check_classes(self.state.classes, classes, self.cfg.data.path)
@@ -212,11 +212,13 @@ class Trainer:
         self._abort_point()
         do_r1 = tcfg.r1_gamma > 0 and self.state.step % tcfg.r1_every == 0
         real = real.detach().requires_grad_(do_r1)
+        # A compiled graph has no double backward: R1 steps run D (still DDP-wrapped) eagerly.
+        D = getattr(self.D, "_orig_mod", self.D) if do_r1 else self.D
         if self._self_supervised:  # D also learns to redraw real slices (fastgan)
-            real_logits, reconstruction = self.D(self._see(real), labels, reconstruct=True)
+            real_logits, reconstruction = D(self._see(real), labels, reconstruct=True)
         else:
-            real_logits, reconstruction = self.D(self._see(real), labels), None
-        fake_logits = self.D(self._see(fake.detach()), fake_y)
+            real_logits, reconstruction = D(self._see(real), labels), None
+        fake_logits = D(self._see(fake.detach()), fake_y)
         self._abort_point()
         loss_d = d_loss(real_logits, fake_logits, tcfg.loss)
         if reconstruction is not None:

@@ -81,7 +81,7 @@ class Reporter:
             from hpcgan.train.evaluation import InLoopMetrics
 
             self.metrics = InLoopMetrics(self.cfg, self.device, cache_dir=self.run.cache,
-                                         class_counts=list(state.classes.values()))
+                                         class_counts=list(state.classes.values()), is_main=self.is_main)
             self.write(step, state.images_seen, self.metrics.floors)
             if self.is_main:
                 log.info("real floors (train vs held-out; halves of train): %s",

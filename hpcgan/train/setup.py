@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 from torch.nn.utils import parametrize
 
 from hpcgan.config import Config, ConfigError
@@ -20,7 +21,8 @@ def make_accelerator(cfg: Config) -> tuple[Accelerator, str]:
     # broadcasts at the second forward would modify BatchNorm stats that autograd saved. Each rank
     # keeps its own running stats (unused by D in train mode); rank 0's go into checkpoints.
     # Newer torch renames the flag (forward_sync_buffers) but keeps this one's exact meaning.
-    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
+    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False),
+                InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))]
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     # Accelerate keeps mixed precision in a process-wide singleton; each Trainer sets its own
     # (the distributed state is kept), so fp32 and bf16 trainers can live in one process.

@@ -51,13 +51,14 @@ class GlobalRNG:
 
 
 def capture_rng() -> dict[str, Any]:
-    """This process's RNG states in a form `torch.load(weights_only=True)` accepts."""
+    """This process's RNG states in a form `torch.load(weights_only=True)` accepts; on CUDA, only the
+    current device's (the one this rank uses: another rank owns the others' streams)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else [],
     }
 
 
@@ -66,8 +67,8 @@ def restore_rng(states: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if isinstance(states["cuda"], torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def seed_everything(seed: int) -> None:
