@@ -3,11 +3,12 @@
 Requeue protocol. submitit installs its own handler for the preemption signal (USR2 by default) and
 ignores SIGTERM; the trainer replaces both for the duration of training, so that any of USR1, USR2 or
 TERM only sets a flag and the checkpoint is written at the next step boundary, agreed by all ranks.
-When training returns "interrupted" because of submitit's signal, rank 0 re-raises that signal after
-the save: submitit's handler then does what it always does (pickles `checkpoint()`'s resubmission and
-runs `scontrol requeue`). After SIGTERM (preemption without user signal, `scontrol requeue`) SLURM
-requeues the job by itself. Either way the new job finds the run folder and resumes from it; its
-arguments are the same strings, never pickled state.
+When training returns "interrupted" because of submitit's signal or a lost data worker, rank 0 raises
+submitit's signal after the save: submitit's handler then does what it always does (pickles
+`checkpoint()`'s resubmission and runs `scontrol requeue`). After SIGTERM (preemption without user
+signal, `scontrol requeue`) SLURM requeues the job by itself. Every rank exits with 75. Either way
+the new job finds the run folder and resumes from it; its arguments are the same strings, never
+pickled state.
 """
 
 from __future__ import annotations
@@ -51,11 +52,16 @@ class TrainJob(submitit.helpers.Checkpointable):
             release_distributed()
         if code == EXIT_INTERRUPTED:
             signum = trainer.interrupt.signum
-            preempt_signal = submitit.JobEnvironment._usr_sig()
-            if signum == preempt_signal and trainer.is_main:
-                log.info("handing %s to submitit to requeue the job", signal.Signals(signum).name)
-                signal.raise_signal(signum)  # submitit's handler: checkpoint() + requeue, then exits
-            # SIGTERM (scontrol requeue, preemption): SLURM requeues by itself. Exiting without a
-            # result keeps submitit from recording this job as finished.
+            # submitit's signal (time limit) and a lost data worker: nothing else will requeue the job, so
+            # rank 0 has submitit's handler do it. After SIGTERM (scontrol requeue, preemption) SLURM
+            # requeues by itself.
+            if signum in (submitit.JobEnvironment._usr_sig(), signal.SIGCHLD) and trainer.is_main:
+                log.info("%s: submitit requeues the job", trainer.interrupt.name)
+                try:
+                    signal.raise_signal(submitit.JobEnvironment._usr_sig())  # checkpoint() + scontrol requeue
+                except SystemExit:  # submitit's own exit (-1): leave with the code every rank gives
+                    pass
+            # Every rank the same code; exiting without a result keeps submitit from recording the job
+            # as finished.
             raise SystemExit(EXIT_INTERRUPTED)
         return f"finished at step {trainer.state.step} in {args.out}"

@@ -16,6 +16,7 @@ import torch
 
 from hpcgan.config import Config
 from hpcgan.data import Reader, build_reader
+from hpcgan.data.reader import WorkerLost
 from hpcgan.models import build_models
 from hpcgan.augment import build_augment
 from hpcgan.models.ema import EMA, ema_decay
@@ -117,12 +118,12 @@ class Trainer:
         when an interrupt arrives before D's update on an abortable (single CPU process) trainer.
         """
         if not self._abortable:
-            real, labels = self.reader.next_batch()
+            real, labels = self._next_batch()
             stats = self._train_step(real, labels)
         else:
             before = StepSnapshot(self.reader, self._buffers, self.augment)
             try:
-                real, labels = self.reader.next_batch()
+                real, labels = self._next_batch()
                 stats = self._train_step(real, labels)
             except StepAborted as aborted:
                 before.restore()
@@ -134,6 +135,18 @@ class Trainer:
         if self.augment is not None:
             self.augment.adjust(self.state.step, self.cfg.train.batch_size)
         return stats
+
+    def _next_batch(self):
+        """The reader's next batch. A dead data worker stops the run like a preemption: the step goes on with
+        new workers (every rank must reach the next agreement), then all ranks save and exit 75; a second
+        loss in a row is an error."""
+        try:
+            return self.reader.next_batch()
+        except WorkerLost as lost:
+            log.warning("%s: new workers take over; checkpointing after this step, then exiting with %d "
+                        "(resumable)", lost, EXIT_INTERRUPTED)
+            self.interrupt.worker_lost()
+            return self.reader.next_batch()
 
     def _see(self, images: torch.Tensor) -> torch.Tensor:
         """What D is shown: every image, real or fake, goes through the same augmentation."""
@@ -303,8 +316,8 @@ class Trainer:
         self.save_checkpoint(data)
         self.report.finish("KILLED")
         if self.is_main:
-            log.warning("interrupted by signal %s %s step %d: checkpoint saved, exiting with %d (resumable)",
-                        self.interrupt.signum, "during the step after" if data is not None else "at",
+            log.warning("interrupted by %s %s step %d: checkpoint saved, exiting with %d (resumable)",
+                        self.interrupt.name, "during the step after" if data is not None else "at",
                         self.state.step, EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
 
