@@ -28,10 +28,25 @@ def export_distributed_env() -> None:
     env = submitit.JobEnvironment()
     if env.num_tasks > 1:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    # Processes per node share its cores; without this each would start one thread per core.
+    # Processes per node share the cores they may run on (the CPU set SLURM gives the task, not the
+    # machine's count); without this each would start one thread per core of the machine.
     tasks_per_node = max(env.num_tasks // max(env.num_nodes, 1), 1)
-    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or max((os.cpu_count() or 1) // tasks_per_node, 1)
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or max(len(os.sched_getaffinity(0)) // tasks_per_node, 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(cpus))
+
+
+def requeue_unless_slurm_does(interrupt) -> None:
+    """After submitit's signal (time limit) or a lost data worker nothing else requeues the job: submitit's
+    handler does (checkpoint() + scontrol requeue). After SIGTERM (scontrol requeue, preemption) SLURM
+    requeues by itself."""
+    preempt = submitit.JobEnvironment._usr_sig()
+    if interrupt.signum not in (preempt, signal.SIGCHLD):
+        return
+    log.info("%s: submitit requeues the job", interrupt.name)
+    try:
+        signal.raise_signal(preempt)
+    except SystemExit:  # submitit's own exit (-1) after the requeue: the caller exits 75 like every rank
+        pass
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -48,19 +63,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         trainer = Trainer(resolve_train_config(args), args.out)
         try:
             code = trainer.fit()
+            if code == EXIT_INTERRUPTED and trainer.is_main:
+                requeue_unless_slurm_does(trainer.interrupt)
         finally:
+            # Rank 0's requeue happens before this barrier: with srun --kill-on-bad-exit, the first rank to
+            # exit 75 ends the others, and rank 0 must not be ended before its `scontrol requeue`.
             release_distributed()
         if code == EXIT_INTERRUPTED:
-            signum = trainer.interrupt.signum
-            # submitit's signal (time limit) and a lost data worker: nothing else will requeue the job, so
-            # rank 0 has submitit's handler do it. After SIGTERM (scontrol requeue, preemption) SLURM
-            # requeues by itself.
-            if signum in (submitit.JobEnvironment._usr_sig(), signal.SIGCHLD) and trainer.is_main:
-                log.info("%s: submitit requeues the job", trainer.interrupt.name)
-                try:
-                    signal.raise_signal(submitit.JobEnvironment._usr_sig())  # checkpoint() + scontrol requeue
-                except SystemExit:  # submitit's own exit (-1): leave with the code every rank gives
-                    pass
             # Every rank the same code; exiting without a result keeps submitit from recording the job
             # as finished.
             raise SystemExit(EXIT_INTERRUPTED)
