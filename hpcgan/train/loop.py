@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from hpcgan.config import Config
 from hpcgan.data import Reader, build_reader
@@ -201,12 +202,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ side effects
     def _should_stop(self) -> bool:
-        """All ranks agree on an interrupt; across ranks only every `sync_every` steps (a host sync)."""
+        """All ranks agree on an interrupt and on its reason, the highest signal number any rank got (a data
+        worker's death on one rank must requeue the job from rank 0); across ranks only every `sync_every`
+        steps (a host sync)."""
         if self.world == 1:
             return bool(self.interrupt)
         if self.state.step % self.cfg.train.sync_every:
             return False
-        return not self._agree(not self.interrupt)
+        signum = torch.tensor([self.interrupt.signum or 0], device=self.device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        if signum.item():
+            self.interrupt.signum = int(signum.item())
+        return bool(self.interrupt)
 
     def save_checkpoint(self, data: dict[str, Any] | None = None) -> Path:
         """Commit the current step; `data`: the reader's position when it is not the reader's own."""
