@@ -189,9 +189,10 @@ def make_executor(opts: argparse.Namespace, folder: Path, res: Resources):
                                      slurm_max_num_timeout=opts.max_requeues)
     params = dict(name=opts.name, nodes=opts.nodes, tasks_per_node=res.tasks, timeout_min=parse_time(opts.time),
                   slurm_signal_delay_s=opts.signal_delay, slurm_array_parallelism=opts.array_parallelism)
-    if res.gpus:
-        params["slurm_gres" if opts.cluster == "slurm" else "gpus_per_node"] = \
-            f"gpu:{res.gpus}" if opts.cluster == "slurm" else res.gpus
+    if res.gpus and opts.cluster == "slurm":
+        params["slurm_gres"] = f"gpu:{res.gpus}"  # every SLURM version knows --gres
+    elif res.gpus:
+        params["gpus_per_node"] = res.gpus  # the local executor sets CUDA_VISIBLE_DEVICES from it
     if res.cpus:
         params["cpus_per_task"] = res.cpus
     if opts.mem:
