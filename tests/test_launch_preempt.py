@@ -20,7 +20,7 @@ from test_launch import finish, job_id, sacct_states, submit, wait_for_step
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-STEPS = 80
+STEPS = 40
 READER = ("data.reader=webdataset", "data.workers=2")
 
 
@@ -34,7 +34,7 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(slurm_cluster, shards, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("straight")
-    finish(submit(tmp, tmp / "run", "--wait", data=shards, steps=STEPS, extra=READER))
+    finish(submit(tmp, tmp / "run", "--wait", data=shards, steps=STEPS, extra=READER), timeout=900)
     return final_weights(tmp / "run")
 
 
@@ -62,7 +62,7 @@ def test_sigterm_to_every_process_of_the_job(shards, tmp_path, uninterrupted):
     out = tmp_path / "run"
     proc = submit(tmp_path, out, "--wait", data=shards, steps=STEPS, extra=READER)
     jid = job_id(proc)
-    wait_for_step(out, 20)
+    wait_for_step(out, 12)
     assert len(task_process(out, 1).children()) == 2  # the data workers, in the job step with the rank
     subprocess.run(["scancel", "--signal=TERM", "--full", jid], check=True)
     proc.communicate(timeout=300)
@@ -72,7 +72,7 @@ def test_sigterm_to_every_process_of_the_job(shards, tmp_path, uninterrupted):
     exits = subprocess.run(["sacct", "-n", "-P", "-j", jid, "-o", "JobName,ExitCode"], capture_output=True,
                            text=True).stdout
     assert "python|75:0" in exits, exits  # the step: every rank left with 75
-    finish(submit(tmp_path, out, "--wait", data=shards, steps=STEPS, extra=READER))  # resubmitted: resumes
+    finish(submit(tmp_path, out, "--wait", data=shards, steps=STEPS, extra=READER), timeout=900)  # resumes
     assert_identical(final_weights(out), uninterrupted)
 
 
@@ -80,9 +80,9 @@ def test_a_killed_worker_of_rank_1_requeues_the_job(shards, tmp_path, uninterrup
     out = tmp_path / "run"
     proc = submit(tmp_path, out, "--wait", data=shards, steps=STEPS, extra=READER)
     jid = job_id(proc)
-    wait_for_step(out, 20)
+    wait_for_step(out, 12)
     task_process(out, 1).children()[0].send_signal(signal.SIGKILL)
-    finish(proc)
+    finish(proc, timeout=900)
     assert "REQUEUED" in sacct_states(jid)
     logs = rank_logs(out)
     assert "a data worker died" in logs and "submitit requeues the job" in logs
