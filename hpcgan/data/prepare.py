@@ -55,7 +55,7 @@ class Options:
     seed: int = 0
     shard_size: int = 1000
     subject_regex: str | None = None
-    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    workers: int = field(default_factory=lambda: min(8, len(os.sched_getaffinity(0))))  # the CPUs this process may use
     strict: bool = False
     progress: bool = True
     split: str = "subject"  # subject | slab

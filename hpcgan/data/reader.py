@@ -9,13 +9,49 @@ in `epoch`, the same number on every rank.
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any, NamedTuple, Protocol
 
 import torch
 
+# What a scheduler sends to end or preempt a job (SLURM: TERM, or USR1/USR2 before a time limit); the
+# training process turns each into a checkpoint and exit 75 (hpcgan/train/signals.py).
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
 
 class DataError(ValueError):
     """Unusable input data; the message names the file and what to do."""
+
+
+class WorkerLost(DataError):
+    """A reader's worker process died (killed, out of memory); the reader's position is unchanged, and the
+    next `next_batch` starts new workers from it."""
+
+
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """`worker_init_fn` of every reader's worker processes: they ignore the preemption signals.
+
+    SLURM signals every process of a job step, data workers included; a worker that died of it would end
+    the training process's step mid-way, before the checkpoint the main process is about to write. The
+    main process decides when to stop, and its workers go with it.
+    """
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def quiet_worker_deaths() -> None:
+    """Leave the detection of a dead DataLoader worker to the reader's wait for its next batch.
+
+    torch installs (once per process, with the first worker) a SIGCHLD handler that raises wherever the
+    main thread happens to be, between a step's D and G updates included, where no consistent checkpoint
+    can be written. Without it, the DataLoader notices a dead worker within seconds, inside `next()`,
+    where the reader turns it into `WorkerLost` before anything changed.
+    """
+    handler = signal.getsignal(signal.SIGCHLD)
+    if threading.current_thread() is threading.main_thread() and callable(handler) \
+            and getattr(handler, "__module__", "").startswith("torch.utils.data"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 class Batch(NamedTuple):

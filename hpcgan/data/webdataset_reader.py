@@ -23,6 +23,8 @@ batches already served.
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,9 +35,21 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hpcgan.data.memory import to_unit_range
 from hpcgan.data.shards import Split, class_index, decode_png, png_key
-from hpcgan.data.reader import Batch, DataError, batches_per_epoch, epoch_generator, rank_slice
+from hpcgan.data.reader import (Batch, DataError, WorkerLost, batches_per_epoch, epoch_generator,
+                                ignore_preemption_signals, quiet_worker_deaths, rank_slice)
 
 SHUFFLE_BUFFER = 1024  # samples; as DALI's reader
+
+# Readers whose workers may be running. The workers ignore SIGTERM (`ignore_preemption_signals`), so
+# multiprocessing's exit hook, which terminates daemonic children with SIGTERM and then joins them, would
+# wait forever: at exit the workers are first asked to stop, as when an epoch ends.
+_live: weakref.WeakSet[WebDatasetReader] = weakref.WeakSet()
+
+
+@atexit.register  # registered after multiprocessing's and torch's exit hooks, so it runs before them
+def _stop_workers() -> None:
+    for reader in list(_live):
+        reader._iter = None
 
 
 def epoch_order(seed: int, epoch: int, num_shards: int, num_used: int,
@@ -189,7 +203,8 @@ class WebDatasetReader:
         # Its own generator: each iter() draws a base seed, which must not come from the global RNG that
         # the trainer's noise comes from, or a run resumed mid-epoch would draw different noise.
         self._loader = DataLoader(self._stream, batch_size=None, collate_fn=_first, num_workers=workers,
-                                  pin_memory=self.device.type == "cuda", generator=torch.Generator())
+                                  pin_memory=self.device.type == "cuda", generator=torch.Generator(),
+                                  worker_init_fn=ignore_preemption_signals if workers else None)
         self._iter: Iterator[tuple[int, torch.Tensor, torch.Tensor] | str] | None = None
         self.epoch, self.batch = 0, 0
         self._flips: torch.Tensor | None = None
@@ -202,13 +217,24 @@ class WebDatasetReader:
         self._flips = None if flips is None else \
             flips.view(self.batches_per_epoch, self.global_batch)[:, self.my_slice].to(self.device)
         self._iter = iter(self._loader)
+        _live.add(self)
+        quiet_worker_deaths()
 
     def next_batch(self) -> Batch:
+        """The next batch; `WorkerLost` (position unchanged; the next call starts new workers) when a worker
+        process died."""
         if self.batch == self.batches_per_epoch:
             self.epoch, self.batch, self._iter = self.epoch + 1, 0, None
         if self._iter is None:
             self._start()
-        item = next(self._iter, None)
+        try:
+            item = next(self._iter, None)
+        except RuntimeError as err:
+            if "DataLoader worker" not in str(err):
+                raise
+            self._iter = None
+            raise WorkerLost(f"{self.split.shard_dir}: a data worker died before batch {self.batch} of epoch "
+                             f"{self.epoch} ({err})") from None
         if isinstance(item, str) or item is None or item[0] != self.batch:
             self._iter = None
             raise DataError(item if isinstance(item, str) else

@@ -3,11 +3,12 @@
 Requeue protocol. submitit installs its own handler for the preemption signal (USR2 by default) and
 ignores SIGTERM; the trainer replaces both for the duration of training, so that any of USR1, USR2 or
 TERM only sets a flag and the checkpoint is written at the next step boundary, agreed by all ranks.
-When training returns "interrupted" because of submitit's signal, rank 0 re-raises that signal after
-the save: submitit's handler then does what it always does (pickles `checkpoint()`'s resubmission and
-runs `scontrol requeue`). After SIGTERM (preemption without user signal, `scontrol requeue`) SLURM
-requeues the job by itself. Either way the new job finds the run folder and resumes from it; its
-arguments are the same strings, never pickled state.
+When training returns "interrupted" because of submitit's signal or a lost data worker, rank 0 raises
+submitit's signal after the save: submitit's handler then does what it always does (pickles
+`checkpoint()`'s resubmission and runs `scontrol requeue`). After SIGTERM (preemption without user
+signal, `scontrol requeue`) SLURM requeues the job by itself. Every rank exits with 75. Either way
+the new job finds the run folder and resumes from it; its arguments are the same strings, never
+pickled state.
 """
 
 from __future__ import annotations
@@ -27,10 +28,25 @@ def export_distributed_env() -> None:
     env = submitit.JobEnvironment()
     if env.num_tasks > 1:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    # Processes per node share its cores; without this each would start one thread per core.
+    # Processes per node share the cores they may run on (the CPU set SLURM gives the task, not the
+    # machine's count); without this each would start one thread per core of the machine.
     tasks_per_node = max(env.num_tasks // max(env.num_nodes, 1), 1)
-    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or max((os.cpu_count() or 1) // tasks_per_node, 1)
+    cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or max(len(os.sched_getaffinity(0)) // tasks_per_node, 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(cpus))
+
+
+def requeue_unless_slurm_does(interrupt) -> None:
+    """After submitit's signal (time limit) or a lost data worker nothing else requeues the job: submitit's
+    handler does (checkpoint() + scontrol requeue). After SIGTERM (scontrol requeue, preemption) SLURM
+    requeues by itself."""
+    preempt = submitit.JobEnvironment._usr_sig()
+    if interrupt.signum not in (preempt, signal.SIGCHLD):
+        return
+    log.info("%s: submitit requeues the job", interrupt.name)
+    try:
+        signal.raise_signal(preempt)
+    except SystemExit:  # submitit's own exit (-1) after the requeue: the caller exits 75 like every rank
+        pass
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -47,15 +63,14 @@ class TrainJob(submitit.helpers.Checkpointable):
         trainer = Trainer(resolve_train_config(args), args.out)
         try:
             code = trainer.fit()
+            if code == EXIT_INTERRUPTED and trainer.is_main:
+                requeue_unless_slurm_does(trainer.interrupt)
         finally:
+            # Rank 0's requeue happens before this barrier: with srun --kill-on-bad-exit, the first rank to
+            # exit 75 ends the others, and rank 0 must not be ended before its `scontrol requeue`.
             release_distributed()
         if code == EXIT_INTERRUPTED:
-            signum = trainer.interrupt.signum
-            preempt_signal = submitit.JobEnvironment._usr_sig()
-            if signum == preempt_signal and trainer.is_main:
-                log.info("handing %s to submitit to requeue the job", signal.Signals(signum).name)
-                signal.raise_signal(signum)  # submitit's handler: checkpoint() + requeue, then exits
-            # SIGTERM (scontrol requeue, preemption): SLURM requeues by itself. Exiting without a
-            # result keeps submitit from recording this job as finished.
+            # Every rank the same code; exiting without a result keeps submitit from recording the job
+            # as finished.
             raise SystemExit(EXIT_INTERRUPTED)
         return f"finished at step {trainer.state.step} in {args.out}"

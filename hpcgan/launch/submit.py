@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcgan.config import ConfigError, resolve_tracking_uri
+from hpcgan.launch.slurm_info import NodeShape, SinfoError, node_shape
 
 class LaunchError(RuntimeError):
     """A submission that cannot work; the message says what to change."""
@@ -72,14 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: slurm when sbatch is reachable, else local (same code path on this machine)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=None,
-                   help="one task per GPU; default: 1 on SLURM when GPUs are requested, 0 on a CPU-only machine")
+                   help="one task per GPU; default on SLURM: the partition's GPUs per node (sinfo GRES), 0 (CPU) "
+                        "where it has none; 0 with --cluster local/debug")
     p.add_argument("--tasks-per-node", type=int, default=None, help="processes per node when no GPUs are used")
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--time", default="24:00:00", help="wall-clock limit per job (the run itself may be longer)")
     p.add_argument("--mem", help="memory per node, e.g. 64G")
-    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="default on SLURM: the node's CPUs / tasks per node; handed to srun (SRUN_CPUS_PER_TASK)")
     p.add_argument("--constraint")
     p.add_argument("--exclusive", action="store_true")
     p.add_argument("--array-parallelism", type=int, default=64, help="sweep points running at once")
@@ -90,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preemptions/time-outs a run may survive (submitit max_num_timeout)")
     p.add_argument("--signal-delay", type=int, default=120,
                    help="seconds before the time limit that SLURM sends the warning signal")
+    p.add_argument("--requeue", action=argparse.BooleanOptionalAction, default=True,
+                   help="let SLURM requeue the job after preemption or node failure (sbatch --requeue)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything, print the sbatch script and srun line that would run; submit nothing")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
                    help="wait for the job(s) and show the log (default: on for local/debug, off for slurm)")
     return p
@@ -104,13 +111,38 @@ def sbatch_reachable() -> bool:
         return False
 
 
-def check_partition(partition: str | None) -> None:
-    if partition is None:
-        return
-    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30).stdout
-    known = [p.rstrip("*") for p in out.split()]
-    if partition not in known:
-        raise LaunchError(f"--partition {partition}: no such partition (this cluster has: {', '.join(known)})")
+def partition_shape(partition: str | None) -> NodeShape:
+    """The nodes of `partition` (None: the default one), or one line saying why not."""
+    try:
+        return node_shape(partition)
+    except SinfoError as err:
+        raise LaunchError(f"--partition {partition}: {err}" if partition else str(err)) from None
+
+
+@dataclass
+class Resources:
+    """What each node of the job gets, defaults filled in from the partition."""
+
+    gpus: int  # per node; one task per GPU
+    tasks: int  # per node
+    cpus: int | None  # per task; None: the executor's default
+    note: str = ""  # a default worth saying, in one line
+
+
+def resolve_resources(opts: argparse.Namespace, shape: NodeShape | None) -> Resources:
+    """GPUs from the partition's GRES unless given (0: CPU, said once), CPUs per task from the node's CPUs
+    shared by its tasks unless given. `shape` None (local/debug executors): nothing to read, CPU unless given."""
+    note = ""
+    gpus = opts.gpus_per_node
+    if gpus is None:
+        gpus = shape.gpus if shape is not None else 0
+        if shape is not None and not gpus:
+            note = f"partition {shape.partition} has no GPUs (sinfo GRES): training on CPU, gloo"
+    tasks = gpus if gpus else (opts.tasks_per_node or 1)
+    cpus = opts.cpus_per_task
+    if cpus is None and shape is not None:
+        cpus = max(shape.cpus // tasks, 1)
+    return Resources(gpus, tasks, cpus, note)
 
 
 @dataclass
@@ -150,26 +182,56 @@ def plan_runs(opts: argparse.Namespace, train_argv: list[str]) -> Plan:
     return Plan(runs, experiment or "hpcgan")
 
 
-def make_executor(opts: argparse.Namespace, folder: Path):
+def make_executor(opts: argparse.Namespace, folder: Path, res: Resources):
     import submitit
 
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=opts.cluster,
                                      slurm_max_num_timeout=opts.max_requeues)
-    gpus = opts.gpus_per_node if opts.gpus_per_node is not None else 0
-    tasks = gpus if gpus else (opts.tasks_per_node or 1)
-    params = dict(name=opts.name, nodes=opts.nodes, tasks_per_node=tasks, timeout_min=parse_time(opts.time),
+    params = dict(name=opts.name, nodes=opts.nodes, tasks_per_node=res.tasks, timeout_min=parse_time(opts.time),
                   slurm_signal_delay_s=opts.signal_delay, slurm_array_parallelism=opts.array_parallelism)
-    if gpus:
-        params["gpus_per_node"] = gpus
-    if opts.cpus_per_task:
-        params["cpus_per_task"] = opts.cpus_per_task
+    if res.gpus and opts.cluster == "slurm":
+        params["slurm_gres"] = f"gpu:{res.gpus}"  # every SLURM version knows --gres
+    elif res.gpus:
+        params["gpus_per_node"] = res.gpus  # the local executor sets CUDA_VISIBLE_DEVICES from it
+    if res.cpus:
+        params["cpus_per_task"] = res.cpus
     if opts.mem:
         params["mem_gb"] = parse_mem_gb(opts.mem)
     slurm_only = {"slurm_partition": opts.partition, "slurm_account": opts.account, "slurm_qos": opts.qos,
                   "slurm_constraint": opts.constraint, "slurm_exclusive": True if opts.exclusive else None}
     params.update({k: v for k, v in slurm_only.items() if v is not None})
+    if opts.cluster == "slurm":
+        # One rank that fails ends the step instead of leaving the others in a collective until the time
+        # limit; since SLURM 22.05 srun no longer inherits --cpus-per-task from sbatch.
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
+        if res.cpus:
+            params["slurm_setup"] = [f"export SRUN_CPUS_PER_TASK={res.cpus}"]
+        params["slurm_additional_parameters"] = {"requeue" if opts.requeue else "no_requeue": True}
     executor.update_parameters(**params)
     return executor
+
+
+def sbatch_script(executor) -> str:
+    """The sbatch script submitit would write for one job of `executor` (a SLURM one)."""
+    slurm = executor._executor
+    return slurm._make_submission_file_text(slurm._submitit_command_str, "dry-run")
+
+
+def dry_run(opts: argparse.Namespace, plan: Plan, executor) -> None:
+    """Print what would be submitted: the sbatch script and its srun line (SLURM), and each run's arguments."""
+    if opts.cluster == "slurm":
+        script = sbatch_script(executor)
+        if len(plan.runs) > 1:
+            print(f"# one job array of {len(plan.runs)} tasks (--array=0-{len(plan.runs) - 1}"
+                  f"%{min(len(plan.runs), opts.array_parallelism)}), each this script:")
+        print(script.rstrip())
+        srun = next(line for line in script.splitlines() if line.startswith("srun "))
+        print(f"\n# srun line:\n{srun}")
+    else:
+        print(f"# --cluster {opts.cluster}: submitit runs the job on this machine; no sbatch script")
+    for out, argv in plan.runs:
+        print(f"# run folder {out}: hpcgan train {' '.join(argv)}")
+    print("# dry run: nothing submitted")
 
 
 @contextlib.contextmanager
@@ -197,13 +259,19 @@ def submit(opts: argparse.Namespace, train_argv: list[str]) -> tuple[Plan, list]
         if not shutil.which("sbatch"):
             raise LaunchError("--cluster slurm: sbatch is not on PATH; run on a login node, start the local "
                               "cluster (bash slurm/local/start.sh) or use --cluster local")
-        check_partition(opts.partition)
+    shape = partition_shape(opts.partition) if opts.cluster == "slurm" else None
     if opts.cluster != "slurm" and opts.nodes > 1:
         raise LaunchError(f"--nodes {opts.nodes} needs --cluster slurm; the {opts.cluster} executor runs on this machine")
     plan = plan_runs(opts, train_argv)
+    res = resolve_resources(opts, shape)
+    if res.note:
+        print(res.note)
     folder = plan.runs[0][0].parent if len(plan.runs) > 1 else plan.runs[0][0]
     logs = folder / "submitit" / time.strftime("%Y%m%d-%H%M%S")
-    executor = make_executor(opts, logs)
+    executor = make_executor(opts, logs, res)
+    if opts.dry_run:
+        dry_run(opts, plan, executor)
+        return plan, []
     try:
         with _child_stderr() as stderr:
             if len(plan.runs) > 1:
@@ -280,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch/submit.py: error: {err}", file=sys.stderr)
         return 2
     wait = opts.wait if opts.wait is not None else opts.cluster != "slurm"
-    if not wait:
+    if not wait or opts.dry_run:
         return 0
     code = follow(jobs)
     print_mlflow_runs([out for out, _ in plan.runs])

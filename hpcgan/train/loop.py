@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from hpcgan.config import Config
 from hpcgan.data import Reader, build_reader
+from hpcgan.data.reader import WorkerLost
 from hpcgan.models import build_models
 from hpcgan.augment import build_augment
 from hpcgan.models.ema import EMA, ema_decay
@@ -177,12 +179,12 @@ class Trainer:
         when an interrupt arrives before D's update on an abortable (single CPU process) trainer.
         """
         if not self._abortable:
-            real, labels = self.reader.next_batch()
+            real, labels = self._next_batch()
             stats = self._train_step(real, labels)
         else:
             before = StepSnapshot(self.reader, self._buffers, self.augment)
             try:
-                real, labels = self.reader.next_batch()
+                real, labels = self._next_batch()
                 stats = self._train_step(real, labels)
             except StepAborted as aborted:
                 before.restore()
@@ -194,6 +196,18 @@ class Trainer:
         if self.augment is not None:
             self.augment.adjust(self.state.step, self.cfg.train.batch_size)
         return stats
+
+    def _next_batch(self):
+        """The reader's next batch. A dead data worker stops the run like a preemption: the step goes on with
+        new workers (every rank must reach the next agreement), then all ranks save and exit 75; a second
+        loss in a row is an error."""
+        try:
+            return self.reader.next_batch()
+        except WorkerLost as lost:
+            log.warning("%s: new workers take over; checkpointing after this step, then exiting with %d "
+                        "(resumable)", lost, EXIT_INTERRUPTED)
+            self.interrupt.worker_lost()
+            return self.reader.next_batch()
 
     def _see(self, images: torch.Tensor) -> torch.Tensor:
         """What D is shown: every image, real or fake, goes through the same augmentation."""
@@ -265,12 +279,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ side effects
     def _should_stop(self) -> bool:
-        """All ranks agree on an interrupt; across ranks only every `sync_every` steps (a host sync)."""
+        """All ranks agree on an interrupt and on its reason, the highest signal number any rank got (a data
+        worker's death on one rank must requeue the job from rank 0); across ranks only every `sync_every`
+        steps (a host sync)."""
         if self.world == 1:
             return bool(self.interrupt)
         if self.state.step % self.cfg.train.sync_every:
             return False
-        return not self._agree(not self.interrupt)
+        signum = torch.tensor([self.interrupt.signum or 0], device=self.device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        if signum.item():
+            self.interrupt.signum = int(signum.item())
+        return bool(self.interrupt)
 
     def save_checkpoint(self, data: dict[str, Any] | None = None) -> Path | None:
         """Commit the current step; `data`: the reader's position when it is not the reader's own.
@@ -416,8 +436,8 @@ class Trainer:
             log.warning("the run resumes from its newest intact checkpoint")
         self.report.finish("KILLED")
         if self.is_main:
-            log.warning("interrupted by signal %s %s step %d: checkpoint saved, exiting with %d (resumable)",
-                        self.interrupt.signum, "during the step after" if data is not None else "at",
+            log.warning("interrupted by %s %s step %d: checkpoint saved, exiting with %d (resumable)",
+                        self.interrupt.name, "during the step after" if data is not None else "at",
                         self.state.step, EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
 

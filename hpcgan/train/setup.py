@@ -12,6 +12,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from torch.nn.utils import parametrize
 
 from hpcgan.config import Config, ConfigError
+from hpcgan.train.devices import bind_cuda_device
 from hpcgan.train.precision import mixed_precision_here
 
 
@@ -28,6 +29,7 @@ def make_accelerator(cfg: Config) -> tuple[Accelerator, str]:
     # (the distributed state is kept), so fp32 and bf16 trainers can live in one process.
     AcceleratorState._reset_state(reset_partial_state=False)
     precision = mixed_precision_here(cfg.train.mixed_precision)
+    bind_cuda_device()  # before Accelerate reads LOCAL_RANK: under per-task GPU binding it is not the index
     acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
     if precision == "fp16" and acc.scaler is None:
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (its loss scaler); "

@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
+from hpcgan.data.reader import PREEMPTION_SIGNALS
 from hpcgan.train.state import capture_rng, restore_rng
 
 # "Interrupted, resumable": EX_TEMPFAIL from sysexits.h, distinct from success (0) and crashes (1).
 EXIT_INTERRUPTED = 75
 
-RESUMABLE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+RESUMABLE_SIGNALS = PREEMPTION_SIGNALS
 
 
 class StepAborted(Exception):
@@ -56,6 +57,17 @@ class InterruptFlag:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
+
+    def worker_lost(self) -> None:
+        """A data worker died: stop and be requeued as after a preemption. Recorded as SIGCHLD, the signal
+        of a child's death, unless a real signal came first."""
+        if self.signum is None:
+            self.signum = signal.SIGCHLD
+
+    @property
+    def name(self) -> str:
+        return "a data worker's death" if self.signum == signal.SIGCHLD else \
+            f"signal {signal.Signals(self.signum).name}" if self.signum else "nothing"
 
     def install(self) -> InterruptFlag:
         for sig in RESUMABLE_SIGNALS:

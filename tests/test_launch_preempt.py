@@ -1,0 +1,91 @@
+"""Preemption of a 2-rank job with data worker processes on the real local SLURM: SIGTERM to every process
+of the job (`scancel --signal=TERM --full`, as preemption sends it), and a data worker of rank 1 killed.
+Both end in a checkpoint and exit 75 on every rank, and the run ends on the weights of one never
+interrupted."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from data_factories import make_shards
+from helpers import assert_identical, final_weights
+from test_launch import finish, job_id, sacct_states, submit, wait_for_step
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+STEPS = 40
+READER = ("data.reader=webdataset", "data.workers=2")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shards")
+    make_shards(folder, n_train=48, sizes=(64,), shard_size=16)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, shards, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("straight")
+    finish(submit(tmp, tmp / "run", "--wait", data=shards, steps=STEPS, extra=READER), timeout=900)
+    return final_weights(tmp / "run")
+
+
+def rank_logs(out: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in (out / "submitit").glob("*/*/*_log.err"))
+
+
+def task_process(out: Path, rank: int, timeout: float = 30) -> psutil.Process:
+    """The submitit task of global rank `rank` running the job whose run folder is `out`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if "submitit.core._submit" in cmd and str(out) in cmd \
+                        and proc.environ().get("SLURM_PROCID") == str(rank):
+                    return proc
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no task of rank {rank} for {out}")
+
+
+def test_sigterm_to_every_process_of_the_job(shards, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = submit(tmp_path, out, "--wait", data=shards, steps=STEPS, extra=READER)
+    jid = job_id(proc)
+    wait_for_step(out, 12)
+    assert len(task_process(out, 1).children()) == 2  # the data workers, in the job step with the rank
+    subprocess.run(["scancel", "--signal=TERM", "--full", jid], check=True)
+    proc.communicate(timeout=300)
+    logs = rank_logs(out)
+    assert "exited unexpectedly" not in logs and "Traceback" not in logs, logs[-3000:]
+    assert "interrupted by signal SIGTERM" in logs and "checkpoint saved, exiting with 75" in logs
+    exits = subprocess.run(["sacct", "-n", "-P", "-j", jid, "-o", "JobName,ExitCode"], capture_output=True,
+                           text=True).stdout
+    assert "python|75:0" in exits, exits  # the step: every rank left with 75
+    finish(submit(tmp_path, out, "--wait", data=shards, steps=STEPS, extra=READER), timeout=900)  # resumes
+    assert_identical(final_weights(out), uninterrupted)
+
+
+def test_a_killed_worker_of_rank_1_requeues_the_job(shards, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = submit(tmp_path, out, "--wait", data=shards, steps=STEPS, extra=READER)
+    jid = job_id(proc)
+    wait_for_step(out, 12)
+    task_process(out, 1).children()[0].send_signal(signal.SIGKILL)
+    finish(proc, timeout=900)
+    assert "REQUEUED" in sacct_states(jid)
+    logs = rank_logs(out)
+    assert "a data worker died" in logs and "submitit requeues the job" in logs
+    state = json.loads(sorted((out / "checkpoints").glob("step-*/state.json"))[-1].read_text())
+    assert state["step"] == STEPS and state["restarts"] >= 1
+    assert_identical(final_weights(out), uninterrupted)
