@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -50,9 +51,14 @@ def resolve_data(data: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    # Torch takes seconds to import: a scheduler's signal meanwhile is recorded and handed on, so that
+    # start-up, like training, ends in a resumable exit rather than death by the default handler.
+    arrived: list[int] = []
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: arrived.append(signum))
     from hpcgan.train import train
 
-    return train(resolve_train_config(args), args.out)
+    return train(resolve_train_config(args), args.out, signals=arrived)
 
 
 # Subcommands that live in their own modules (each exposes add_arguments(parser) and run(args) -> int);
@@ -96,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, RunLockedError) as err:
         print(f"hpcgan {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.filename is None:  # not a file the user can do something about: a bug, keep its traceback
+            raise
+        from hpcgan.train.run_folder import os_error_line
+
+        print(f"hpcgan {args.command}: error: {os_error_line(err)}", file=sys.stderr)
         return 2
 
 

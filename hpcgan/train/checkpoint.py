@@ -148,6 +148,7 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep, self.milestones = keep, set(milestones)
         self.rank, self.agree, self.best = rank, agree, best
+        self.expected_bytes = 0  # the owner's estimate of one checkpoint, for errors before the first exists
         self._parts: list[_Part] = []
 
     @property
@@ -242,7 +243,7 @@ class CheckpointManager:
         _fsync_dir(self.root)
 
     def _fail(self, step: int, tmp: Path, error: OSError | None) -> None:
-        needed = sum(p.stat().st_size for p in tmp.iterdir()) if tmp.is_dir() else 0
+        needed = max(sum(p.stat().st_size for p in tmp.iterdir()) if tmp.is_dir() else 0, self.expected_bytes)
         latest = self.latest()
         shutil.rmtree(tmp, ignore_errors=True)
         if latest is not None:
