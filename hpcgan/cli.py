@@ -50,15 +50,21 @@ def resolve_data(data: str) -> str:
     return str(quickstart_shards(default_quickstart_dir()))
 
 
+RECORDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+def record_signals(arrived: list[int]) -> dict[int, object]:
+    """Record the scheduler's signals into `arrived` from the first moment of `hpcgan train`: torch takes
+    seconds to import, and start-up, like training, must end in a resumable exit, not death by the default
+    handler. The trainer takes over the handlers and the signals that arrived meanwhile. Returns the
+    handlers it replaced."""
+    return {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in RECORDED_SIGNALS}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    # Torch takes seconds to import: a scheduler's signal meanwhile is recorded and handed on, so that
-    # start-up, like training, ends in a resumable exit rather than death by the default handler.
-    arrived: list[int] = []
-    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: arrived.append(signum))
     from hpcgan.train import train
 
-    return train(resolve_train_config(args), args.out, signals=arrived)
+    return train(resolve_train_config(args), args.out, signals=args.signals)
 
 
 # Subcommands that live in their own modules (each exposes add_arguments(parser) and run(args) -> int);
@@ -73,6 +79,10 @@ MODULE_COMMANDS = {
 }
 
 
+def chosen_command(argv: list[str] | None) -> str | None:
+    return next((a for a in argv or [] if not a.startswith("-")), None)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpcgan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,7 +91,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
 
-    chosen = next((a for a in argv or [] if not a.startswith("-")), None)
+    chosen = chosen_command(argv)
     for name, (module_name, help_text) in MODULE_COMMANDS.items():
         command = sub.add_parser(name, help=help_text)
         if name == chosen:
@@ -92,12 +102,23 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    signals: list[int] = []
+    previous = record_signals(signals) if chosen_command(argv) == "train" else {}
+    try:
+        return _run(argv, signals)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(argv: list[str], signals: list[int]) -> int:
     from hpcgan.data import DataError
     from hpcgan.train import CheckpointError, RunLockedError
 
     setup_logging()
-    argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    args.signals = signals
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, RunLockedError) as err:
@@ -115,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> NoReturn:
     """The `hpcgan` command. An interrupted run has committed its checkpoint and a scheduler's grace
     period is running out: it leaves without the interpreter's teardown (about a second here)."""
+    code = main()
     from hpcgan.train import EXIT_INTERRUPTED
 
-    code = main()
     if code == EXIT_INTERRUPTED:
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):

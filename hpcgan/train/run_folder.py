@@ -47,6 +47,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         tmp.write_text(text)
         tmp.replace(path)
+    except OSError as err:  # named after the file the user knows, not the temp file (or none: a failed flush)
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

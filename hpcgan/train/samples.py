@@ -64,6 +64,9 @@ def save_grid(images: torch.Tensor, path: Path, pad: int = 2) -> Path:
     try:
         Image.fromarray(grid).save(tmp)
         tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
