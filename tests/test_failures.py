@@ -50,6 +50,7 @@ def test_full_disk_before_the_first_step_is_one_line_and_leaves_nothing(image_fo
     assert not (out / "config.yaml").exists()  # no truncated config for the next start to trip on
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_config_of_the_last_start(image_folder, tmp_path):
     out = tmp_path / "run"
     assert run_cli(*train_args(image_folder, out, "train.steps=2", "checkpoint.every=2")).returncode == 0
@@ -127,6 +128,7 @@ def test_a_signal_at_any_moment_of_start_up_exits_resumable(image_folder, tmp_pa
     assert steps == [2]  # start-up signals saved nothing new and lost nothing
 
 
+@pytest.mark.slow
 def test_unusable_tracking_store_and_sample_folder_are_one_line(image_folder, tmp_path):
     missing = tmp_path / "no" / "such" / "mlflow.db"
     last = _one_line_error(run_cli(*train_args(image_folder, tmp_path / "run", "train.steps=1",
