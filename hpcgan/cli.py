@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -49,10 +50,21 @@ def resolve_data(data: str) -> str:
     return str(quickstart_shards(default_quickstart_dir()))
 
 
+RECORDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+def record_signals(arrived: list[int]) -> dict[int, object]:
+    """Record the scheduler's signals into `arrived` from the first moment of `hpcgan train`: torch takes
+    seconds to import, and start-up, like training, must end in a resumable exit, not death by the default
+    handler. The trainer takes over the handlers and the signals that arrived meanwhile. Returns the
+    handlers it replaced."""
+    return {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in RECORDED_SIGNALS}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hpcgan.train import train
 
-    return train(resolve_train_config(args), args.out)
+    return train(resolve_train_config(args), args.out, signals=args.signals)
 
 
 # Subcommands that live in their own modules (each exposes add_arguments(parser) and run(args) -> int);
@@ -68,6 +80,10 @@ MODULE_COMMANDS = {
 }
 
 
+def chosen_command(argv: list[str] | None) -> str | None:
+    return next((a for a in argv or [] if not a.startswith("-")), None)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpcgan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,7 +92,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
 
-    chosen = next((a for a in argv or [] if not a.startswith("-")), None)
+    chosen = chosen_command(argv)
     for name, (module_name, help_text) in MODULE_COMMANDS.items():
         command = sub.add_parser(name, help=help_text)
         if name == chosen:
@@ -87,26 +103,44 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    signals: list[int] = []
+    previous = record_signals(signals) if chosen_command(argv) == "train" else {}
+    try:
+        return _run(argv, signals)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(argv: list[str], signals: list[int]) -> int:
     from hpcgan.data import DataError
     from hpcgan.train import CheckpointError, RunLockedError
     from hpcgan.train.distributed import PeerTimeout
 
     setup_logging()
-    argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    args.signals = signals
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, RunLockedError, PeerTimeout) as err:
         print(f"hpcgan {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.filename is None:  # not a file the user can do something about: a bug, keep its traceback
+            raise
+        from hpcgan.train.run_folder import os_error_line
+
+        print(f"hpcgan {args.command}: error: {os_error_line(err)}", file=sys.stderr)
         return 2
 
 
 def entry() -> NoReturn:
     """The `hpcgan` command. An interrupted run has committed its checkpoint and a scheduler's grace
     period is running out: it leaves without the interpreter's teardown (about a second here)."""
+    code = main()
     from hpcgan.train import EXIT_INTERRUPTED
 
-    code = main()
     if code == EXIT_INTERRUPTED:
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):

@@ -394,8 +394,12 @@ def build_config(base: dict[str, Any] | None = None, files: list[str | Path] = (
     return cfg.validate()
 
 
+def config_text(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_text(cfg))
 
 
 def load_config(path: str | Path) -> Config:

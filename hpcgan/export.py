@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -137,6 +138,7 @@ def export(run: Path, out: Path, *, n: int, fmt: str, seed: int = 0, ema: bool =
         raise ConfigError(f"--format {fmt}: choose from {', '.join(FORMATS)}")
     if n < 1:
         raise ConfigError(f"--n {n}: must be at least 1")
+    check_out_folder(out)
     folder = resolve_checkpoint(run)
     cfg = config_of(folder)
     state = CheckpointManager.read_state(folder)
@@ -173,6 +175,19 @@ def export(run: Path, out: Path, *, n: int, fmt: str, seed: int = 0, ema: bool =
     }
     _write(out, fmt, to_uint8(images)[:, 0].numpy(), None if labels is None else labels.tolist(), names, card)
     return card
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an --out that cannot become a folder of ours before minutes of generating, not after."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: an existing file, not a folder; choose a folder path")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, so no folder can be made there; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable; choose a writable folder")
 
 
 def _mark(card: dict[str, Any]) -> str:

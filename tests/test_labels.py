@@ -42,7 +42,9 @@ def check_manifest(shard_dir: Path, source: str) -> list[str]:
     """The manifest's classes, source and counts agree with the samples written; returns the classes."""
     manifest = shards.read_manifest(shard_dir)
     classes = manifest["classes"]
-    assert classes == sorted(classes) and manifest["label_source"] == source
+    # A table is named by its file name only: where it lies may name a project or a patient.
+    assert classes == sorted(classes) and manifest["label_source"] == (Path(source).name if source.endswith(".csv")
+                                                                       else source)
     counts: dict[str, dict[str, int]] = {"train": {}, "val": {}}
     for s in written(shard_dir):
         assert classes[s["cls"]] == s["meta"]["class"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,9 +14,11 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+import hpcgan
 from hpcgan.train import EXIT_INTERRUPTED
+from hpcgan.train.run_folder import RunFolder
 
-from helpers import make_trainer
+from helpers import REPO, cli_env, free_port, hpcgan_cmd, make_trainer, run_cli, train_args
 
 
 def tracked_trainer(data, out, uri, *extra):
@@ -120,3 +123,136 @@ def test_run_ends_with_quality_curves_floors_system_metrics_and_a_report(image_f
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/swd")] == [30, 60]
     assert {"floor/swd", "floor_halves/swd", "floor/msssim", "images_seen", "eval_s"} <= run.data.metrics.keys()
     assert [a.path for a in client.list_artifacts(run.info.run_id, "report")] == ["report/report.html"]
+
+
+class MlflowServer:
+    """A real `mlflow server` on loopback that can be stopped and started again on the same port and store."""
+
+    def __init__(self, root, port: int) -> None:
+        self.root, self.port, self.proc = root, port, None
+        self.uri = f"http://127.0.0.1:{port}"
+
+    def start(self) -> MlflowServer:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)
+        deadline = time.time() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                assert self.proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its gunicorn/uvicorn workers
+            self.proc.wait(timeout=60)
+        self.proc = None
+
+
+def _train_in_background(data, out, uri, stderr, *extra, **env):
+    args = train_args(data, out, "train.steps=100000", "track.enabled=true", f"track.uri={uri}", "track.experiment=t",
+                      "track.flush_every_s=0.2", "track.system_metrics_every_s=0", "track.log_model=false", *extra)
+    return subprocess.Popen(hpcgan_cmd(*args), env=cli_env(**env), stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def _wait(condition, proc, stderr, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None and time.time() < deadline, stderr.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def _logged_steps(out) -> list[int]:
+    return [r["step"] for r in RunFolder(out).read_metrics() if "loss_d" in r]
+
+
+def _lines(stderr, text: str) -> list[str]:
+    return [line for line in stderr.read_text().splitlines() if text in line]
+
+
+@pytest.mark.slow
+def test_server_that_comes_up_mid_run_gets_the_one_run_that_a_resume_continues(image_folder, tmp_path):
+    server, out, stderr = MlflowServer(tmp_path, free_port()), tmp_path / "run", tmp_path / "stderr.txt"
+    job = {"SLURM_JOB_ID": "101", "SLURM_JOB_NODELIST": "node[1-2]"}
+    with open(stderr, "w") as log:
+        proc = _train_in_background(image_folder, out, server.uri, log, **job)
+    try:
+        _wait(lambda: _lines(stderr, "step 3/"), proc, stderr)
+        assert not (out / "tracking.json").exists() and len(_lines(stderr, "unreachable")) == 1
+        server.start()
+        _wait(lambda: _lines(stderr, "reachable again"), proc, stderr)
+        run_id = json.loads((out / "tracking.json").read_text())["run_id"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == EXIT_INTERRUPTED
+        client = MlflowClient(server.uri)
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED" and run.data.tags["hpcgan.status"] == "requeue-pending"
+        late = int(_lines(stderr, "reachable again")[0].split(": ")[-1].split()[0])
+        assert late >= 3 * 6  # the steps trained while it was down, delivered: 6+ metrics per step
+        logged = _logged_steps(out)
+        assert [m.step for m in client.get_metric_history(run_id, "loss_d")] == logged == list(range(1, len(logged) + 1))
+        stopped = logged[-1]
+
+        resumed = run_cli(*train_args(image_folder, out, f"train.steps={stopped + 2}", "track.enabled=true",
+                                      f"track.uri={server.uri}", "track.experiment=t", "track.log_model=false",
+                                      "track.system_metrics_every_s=0"), SLURM_JOB_ID="102")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+        assert [r.info.run_id for r in runs] == [run_id]
+        run = runs[0]
+        assert run.info.status == "FINISHED" and run.data.tags["hpcgan.status"] == "finished"
+        assert run.data.tags["slurm.job_ids"] == "101,102" and run.data.tags["slurm.job_nodelist"] == "node[1-2]"
+        assert run.data.tags["hpcgan.version"] == hpcgan.__version__
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        assert run.data.tags["mlflow.source.git.commit"] == head
+        assert "Retrying" not in stderr.read_text() + resumed.stderr  # urllib3's per-call retry warnings
+    finally:
+        proc.kill()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_server_outage_is_two_lines_and_a_failure_is_recorded_with_its_reason(image_folder, tmp_path):
+    server, out, stderr = MlflowServer(tmp_path, free_port()).start(), tmp_path / "run", tmp_path / "stderr.txt"
+    with open(stderr, "w") as log:
+        proc = _train_in_background(image_folder, out, server.uri, log)
+    try:
+        _wait(lambda: (out / "tracking.json").exists() and _lines(stderr, "step 3/"), proc, stderr)
+        run_id = json.loads((out / "tracking.json").read_text())["run_id"]
+        server.stop()
+        _wait(lambda: _lines(stderr, "unreachable"), proc, stderr)
+        down_at = len(RunFolder(out).read_metrics())
+        _wait(lambda: len(RunFolder(out).read_metrics()) >= down_at + 5, proc, stderr)
+        server.start()
+        _wait(lambda: _lines(stderr, "reachable again"), proc, stderr)
+        _wait(lambda: len(RunFolder(out).read_metrics()) >= down_at + 10, proc, stderr)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == EXIT_INTERRUPTED
+        assert len(_lines(stderr, "unreachable")) == 1 and len(back := _lines(stderr, "reachable again")) == 1
+        assert int(back[0].split(": ")[-1].split()[0]) >= 5 * 6
+        assert "Retrying" not in stderr.read_text()
+        client = MlflowClient(server.uri)
+        logged = _logged_steps(out)
+        assert [m.step for m in client.get_metric_history(run_id, "loss_d")] == logged == list(range(1, len(logged) + 1))
+    finally:
+        proc.kill()
+    # A run that fails: its checkpoint folder cannot be made (a file is in the way).
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    (failing / "checkpoints").write_text("in the way")
+    failed = run_cli(*train_args(image_folder, failing, "train.steps=2", "checkpoint.every=2", "track.enabled=true",
+                                 f"track.uri={server.uri}", "track.experiment=t", "track.log_model=false",
+                                 "track.system_metrics_every_s=0"))
+    try:
+        assert failed.returncode == 2 and "cannot write checkpoint step 2" in failed.stderr
+        run = MlflowClient(server.uri).get_run(json.loads((failing / "tracking.json").read_text())["run_id"])
+        assert run.info.status == "FAILED" and run.data.tags["hpcgan.status"] == "failed"
+        assert run.data.tags["hpcgan.failure"].startswith("CheckpointError: cannot write checkpoint step 2")
+    finally:
+        server.stop()

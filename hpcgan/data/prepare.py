@@ -12,6 +12,9 @@ the input contents and every setting):
 
 With `--labels` every sample also holds its class index as a `cls` member (classes sorted by name,
 listed in the manifest), and the subject split is stratified by class.
+
+Source paths in the manifest are relative to their SRC; with `--anonymize` (the default for DICOM and
+label tables) there are none, subject ids are salted hashes, and folder names are dropped (see anonymize.py).
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from hpcgan.data import dicom, inputs, shards
+from hpcgan.data import anonymize as anon, dicom, inputs, shards
 from hpcgan.data.inputs import Problem, Volume
-from hpcgan.data.labels import LabelError, check_source, classify
+from hpcgan.data.labels import LabelError, check_source, classify, is_table
 from hpcgan.data.preprocess import AXES, CROPS, Settings, Slice, image_slices, volume_slices
 from hpcgan.data.reader import DataError
 from hpcgan.data.split import assign_splits, slab_role, val_slabs
@@ -62,6 +65,8 @@ class Options:
     slab_gap: int = 4  # slices on each side of a val slab that go to neither split
     slabs: int = 3  # val slabs per volume axis
     labels: str | None = None  # folder | axis | contrast | a .csv table; None: no classes
+    anonymize: bool | None = None  # None: on for DICOM and label tables
+    salt: str | None = None  # of the subject ids under anonymize; None: random per build
 
     def __post_init__(self) -> None:
         """One-line errors named after the `prepare` option to fix."""
@@ -95,6 +100,7 @@ class _Task:
     settings: Settings
     unit_dir: Path
     axis_labels: bool  # each slice's class is its axis (else its volume's class, if any)
+    anonymize: bool  # no source path or folder name in the records
 
 
 # ---------------------------------------------------------------------------------------------- phase 1
@@ -119,6 +125,13 @@ def _slices(volume: Volume, settings: Settings) -> tuple[list[tuple[str, Slice]]
     dropped = [Problem(str(path), reason) for path, reason in series.dropped]
     kept, skipped = volume_slices(series.data, series.zooms, settings)
     return [(volume.volume_id, s) for s in kept], skipped, dropped, series.modality
+
+
+def _relative_path(volume: Volume) -> str:
+    """The file as found under its SRC (never absolute: where the data lives, and whose it is, stays home)."""
+    file = volume.files[0]
+    root = volume.root
+    return str(file.relative_to(root)) if root.is_dir() and file.is_relative_to(root) else file.name
 
 
 def _process_unit(task: _Task) -> int:
@@ -153,13 +166,14 @@ def _process_unit(task: _Task) -> int:
                   "contrast": volume.contrast, "slices": len(kept)}
         if volume.kind == "dicom":
             source |= {"files": len(volume.files), "modality": modality}
-        else:
-            source["path"] = volume.display
+        elif not task.anonymize:
+            source["path"] = _relative_path(volume)
         sources.append(source)
         for volume_id, piece in kept:
             meta = {"source_sha256": volume.sha256, "volume": volume_id, "subject": subject,
-                    "kind": volume.kind, "axis": piece.axis, "slice": piece.index, "label": volume.label,
-                    "contrast": volume.contrast}
+                    "kind": volume.kind, "axis": piece.axis, "slice": piece.index, "contrast": volume.contrast}
+            if not task.anonymize:
+                meta["label"] = volume.label  # the folder holding the file
             if modality:
                 meta["modality"] = modality
             if cls := piece.axis if task.axis_labels else volume.cls:
@@ -267,7 +281,7 @@ def _write_shards(samples: list[tuple[int, dict[str, Any]]], out: Path, work: Pa
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def _fingerprint(volumes: list[Volume], settings: Settings, options: Options) -> str:
+def _fingerprint(volumes: list[Volume], settings: Settings, options: Options, anonymize: bool) -> str:
     spec = {
         "format": shards.FORMAT, "settings": settings.to_json(), "val_frac": options.val_frac,
         "seed": options.seed, "shard_size": options.shard_size, "subject_regex": options.subject_regex,
@@ -277,6 +291,8 @@ def _fingerprint(volumes: list[Volume], settings: Settings, options: Options) ->
     }
     if options.labels is not None:  # only then, so that unlabelled shard folders stay up to date
         spec["labels"] = [options.labels, [v.cls for v in volumes]]
+    if anonymize:  # likewise
+        spec["anonymize"] = hashlib.sha256(options.salt.encode()).hexdigest() if options.salt is not None else True
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -305,12 +321,13 @@ def _subject_ids(volumes: list[Volume]) -> dict[str, str]:
 
 
 def _tasks(volumes: list[Volume], subject_ids: dict[str, str], settings: Settings, unit_dir: Path,
-           axis_labels: bool) -> list[_Task]:
+           anonymize: bool, axis_labels: bool) -> list[_Task]:
     groups: list[list[Volume]] = []
     images = [v for v in volumes if v.kind == "image"]
     groups += [images[i:i + _IMAGES_PER_UNIT] for i in range(0, len(images), _IMAGES_PER_UNIT)]
     groups += [[v] for v in volumes if v.kind != "image"]
-    return [_Task(n, tuple(g), tuple(subject_ids[v.subject_key] for v in g), settings, unit_dir, axis_labels)
+    return [_Task(n, tuple(g), tuple(subject_ids[v.subject_key] for v in g), settings, unit_dir, axis_labels,
+                  anonymize)
             for n, g in enumerate(groups)]
 
 
@@ -329,7 +346,9 @@ def _split_samples(samples: list[dict[str, Any]], sources: list[dict[str, Any]],
     by_slab = [s for s in samples if slab and s["length"] > 1]
     flat = [s for s in samples if not (slab and s["length"] > 1)]
     flat_sources = {s["meta"]["source_sha256"] for s in flat}
-    by_subject = [v for v in volumes if not slab or v.kind == "image" or v.sha256 in flat_sources]
+    usable = {s["meta"]["source_sha256"] for s in samples}  # a bad input's subject must not take a val place
+    by_subject = [v for v in volumes
+                  if v.sha256 in usable and (not slab or v.kind == "image" or v.sha256 in flat_sources)]
     keys = {subject_ids[v.subject_key]: v.subject_key for v in volumes}
     votes = Counter((keys[s["meta"]["subject"]], s["meta"]["class"]) for s in flat if "class" in s["meta"])
     strata: dict[str, str] = {}
@@ -355,11 +374,13 @@ def _split_samples(samples: list[dict[str, Any]], sources: list[dict[str, Any]],
             for member in members:
                 member["split"] = slab_role(member["meta"]["slice"], slabs, options.slab_gap)
         record |= {"slab_gap": options.slab_gap, "slabs": options.slabs, "val_slabs": layout}
-    subject_of = {v.sha256: v.subject_key for v in by_subject}
+    subject_of = {v.sha256: v.subject_key for v in volumes if v.subject_key in assigned}
     roles = Counter((s["meta"]["source_sha256"], s["split"]) for s in by_slab)
     for source in sources:
         if source["sha256"] in subject_of:
             source["split"] = assigned[subject_of[source["sha256"]]]
+        elif not source["slices"]:
+            source["split"] = "none"
         else:
             source["split"] = "slab"
             source["split_slices"] = {r: roles[source["sha256"], r] for r in ("train", "val", "gap")}
@@ -408,7 +429,8 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
         volumes = classify(volumes, options.labels)
     hashes.save()
 
-    fingerprint = _fingerprint(volumes, settings, options)
+    anonymize = options.anonymize if options.anonymize is not None else anon.default_on(volumes, options.labels)
+    fingerprint = _fingerprint(volumes, settings, options, anonymize)
     if _up_to_date(out, fingerprint):
         _report_problems(problems, echo)
         bad = shards.read_manifest(out)["bad_inputs"]
@@ -436,8 +458,9 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
     if options.split == "slab" and kinds["image"]:
         echo(f"note: --split slab: the {kinds['image']} 2D images have no neighbouring slices; they are split "
              "by subject")
-    subject_ids = _subject_ids(volumes)
-    tasks = _tasks(volumes, subject_ids, settings, work / "units", options.labels == "axis")
+    salt = anon.salt_for(work, options.salt) if anonymize else None
+    subject_ids = anon.subject_ids(volumes, salt) if salt is not None else _subject_ids(volumes)
+    tasks = _tasks(volumes, subject_ids, settings, work / "units", anonymize, options.labels == "axis")
     _run_units(tasks, options.workers, options.progress)
 
     samples: list[tuple[int, dict[str, Any]]] = []
@@ -463,6 +486,11 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
     if not counts["train"]:
         echo("error: no usable training slices (all inputs failed or held too little foreground)")
         return Report(1, counts=dict(counts), problems=problems)
+    if options.val_frac > 0 and not counts["val"]:
+        usable = len({s["meta"]["subject"] for _, s in samples})
+        cause = f"{len(problems)} bad input(s) (listed above) left" if problems else "the inputs hold"
+        echo(f"warning: the val split is empty: {cause} {usable} usable subject(s), and val needs a subject of its "
+             "own; add subjects, or use --split slab to hold out slices of each volume")
 
     per_split = {name: [s["meta"] for _, s in samples if s["split"] == name] for name in shards.SPLITS}
     class_counts = {name: dict(sorted(Counter(m["class"] for m in metas if "class" in m).items()))
@@ -492,18 +520,22 @@ def _prepare(sources: list[Path], out: Path, settings: Settings, options: Option
                       for name, metas in per_split.items()},
         "kinds": {name: dict(sorted(Counter(m["kind"] for m in metas).items())) for name, metas in per_split.items()},
         "classes": classes,
-        "label_source": options.labels,
+        "label_source": Path(options.labels).name if options.labels and is_table(options.labels) else options.labels,
+        "anonymized": anonymize,
         "class_counts": class_counts,
         "skipped_slices": skipped,
         "duplicate_slices": duplicates,
         "gap_slices": counts["gap"],
         "bad_inputs": len(problems),
         "shards": records,
-        "roots": [str(s) for s in sources],
+        **({} if anonymize else {"roots": [Path(s).resolve().name for s in sources]}),
         "sources": sources_list,
     }
     shards.write_manifest(out, manifest)
     shutil.rmtree(work)
+    if salt is not None:
+        echo(f"subject key (subject -> id, and the salt; keep it private, apart from the shards): "
+             f"{anon.write_key(out, salt, volumes, subject_ids)}")
     echo(f"wrote {out}: train {counts['train']} images ({manifest['subjects']['train']} subjects), "
          f"val {counts['val']} images ({manifest['subjects']['val']} subjects) in {len(records)} shards; "
          + (f"{counts['gap']} slices left out in the gaps around val slabs, " if options.split == "slab" else "")
@@ -587,6 +619,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a class per slice, stored with it: folder (SRC/<class>/...), axis (axial, coronal, "
                              "sagittal), contrast (from the file name), or a .csv table with the columns class "
                              "and path (a file) or subject (default: no classes)")
+    parser.add_argument("--anonymize", action=argparse.BooleanOptionalAction, default=None,
+                        help="salted-hash subject ids, no source paths or folder names in the shards; the subject "
+                             "key is written beside SHARD_DIR (default: on for DICOM inputs and --labels tables)")
+    parser.add_argument("--salt", default=None, help="--anonymize: the salt of the subject ids (default: random "
+                                                     "per build, saved in the subject key)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -596,7 +633,8 @@ def run(args: argparse.Namespace) -> int:
                             crop=args.crop, bit_depth=args.bit_depth)
         options = Options(val_frac=args.val_frac, seed=args.seed, shard_size=args.shard_size,
                           subject_regex=args.subject_regex, workers=args.workers, strict=args.strict,
-                          split=args.split, slab_gap=args.slab_gap, slabs=args.slabs, labels=args.labels)
+                          split=args.split, slab_gap=args.slab_gap, slabs=args.slabs, labels=args.labels,
+                          anonymize=args.anonymize, salt=args.salt)
         if args.subject_regex:
             re.compile(args.subject_regex)
     except (ValueError, re.error) as err:

@@ -2,9 +2,12 @@
 
 A synchronous MLflow call costs ~10 ms, so the loop only appends to a queue; a background thread
 batches metrics into `log_batch` calls. If the store is unreachable the thread warns once, keeps the
-records and retries: training never waits for, or dies of, a log call. A resumed run continues the
-MLflow run whose id the checkpoint holds, and logs only params the run does not have yet (MLflow
-params are immutable); values that changed on resume are recorded as tags instead.
+records and retries (creating the run too, if the server was down at start): training never waits for,
+or dies of, a log call. One run folder is one MLflow run: its id is handed to `on_run` (the run folder's
+tracking file) the moment the server knows it, and a resumed run continues it, logging only params the
+run does not have yet (MLflow params are immutable); values that changed on resume are recorded as tags.
+The tag `hpcgan.status` says what the MLflow status cannot: running, requeue-pending (exit 75, the
+scheduler may start it again), finished, failed (with `hpcgan.failure`), killed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 # Clusters that hold patient data must not phone home; set before mlflow is imported.
@@ -25,6 +29,8 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 # Fail fast on an unreachable server: the thread retries on its own schedule.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# urllib3 warns on every retry of every call; the tracker says once that the server is down instead.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from hpcgan.config import resolve_tracking_uri  # noqa: E402
@@ -36,21 +42,45 @@ _MAX_PENDING = 200_000  # metric records kept while the store is down (a few MB)
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 
 
-def run_tags() -> dict[str, str]:
-    """Where the run came from: code version, host, SLURM job ids (absent ones are skipped)."""
-    tags = {"host": socket.gethostname()}
+JOB_IDS_TAG = "slurm.job_ids"  # every SLURM job that trained this run, comma-separated, in order
+STATUS_TAG, FAILURE_TAG = "hpcgan.status", "hpcgan.failure"
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this package lives in; None when it is installed elsewhere (a wheel in
+    site-packages, even inside somebody's repository, has no commit of its own)."""
+    package_root = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5)
-        if commit.returncode == 0:
-            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package_root,
+                             capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
-        pass
+        return None
+    lines = top.stdout.split()
+    if top.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != package_root:
+        return None
+    return lines[1]
+
+
+def run_tags() -> dict[str, str]:
+    """Where the run came from: code version, host, SLURM job and nodes (absent ones are skipped)."""
+    from hpcgan import __version__
+
+    tags = {"host": socket.gethostname(), "hpcgan.version": __version__}
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
     for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME",
-                "SLURM_JOB_PARTITION", "SLURM_JOB_NUM_NODES", "SLURM_RESTART_COUNT"):
+                "SLURM_JOB_PARTITION", "SLURM_JOB_NUM_NODES", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT"):
         if os.environ.get(var):
             tags[f"slurm.{var[6:].lower()}"] = os.environ[var]
     return tags
+
+
+def _append_job(previous: str | None, job: str | None) -> str | None:
+    """The job-id list with `job` appended once (a requeued job keeps its id; a resubmitted one adds one)."""
+    jobs = [j for j in (previous or "").split(",") if j]
+    if job and job not in jobs:
+        jobs.append(job)
+    return ",".join(jobs) or None
 
 
 class Tracker:
@@ -58,7 +88,7 @@ class Tracker:
 
     def __init__(self, *, uri: str, experiment: str, run_name: str, params: dict[str, Any],
                  tags: dict[str, str], run_id: str | None = None, flush_every_s: float = 2.0,
-                 system_metrics_every_s: float = 0.0) -> None:
+                 system_metrics_every_s: float = 0.0, on_run: Callable[[str], None] | None = None) -> None:
         self.uri = resolve_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment, self.run_name = experiment, run_name
@@ -68,7 +98,9 @@ class Tracker:
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._pending: list[Metric] = []
         self._artifacts: list[tuple[str, str | None]] = []
-        self._warned = False
+        self._on_run = on_run
+        self._down = False  # the store failed its last call; warned once
+        self._late = 0  # metrics delivered during the current outage's recovery
         self._started = False
         self._flush_every_s = flush_every_s
         self._system_every_s = system_metrics_every_s
@@ -87,10 +119,16 @@ class Tracker:
 
     def set_tag(self, key: str, value: str) -> None:
         """A run tag, set at once: for rare events (a rollback), not for every step."""
-        self._try(lambda: self.client.set_tag(self.run_id, key, value))
+        if self._started:
+            self._try(lambda: self.client.set_tag(self.run_id, key, value))
 
-    def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> bool:
-        """Flush and end the run; False (with a warning) when records could not be delivered."""
+    def close(self, status: str = "FINISHED", timeout_s: float = 60.0, *, requeue: bool = False,
+              failure: str | None = None) -> bool:
+        """Flush and end the run with `status` (FINISHED, FAILED with `failure`, the reason, or KILLED;
+        `requeue`: killed, resumable); False (with a warning) when records could not be delivered."""
+        tags = {STATUS_TAG: "requeue-pending" if requeue else status.lower()}
+        if failure:
+            tags[FAILURE_TAG] = failure
         if self._system is not None:
             self._system.finish()
         self._stop.set()
@@ -98,9 +136,12 @@ class Tracker:
         self._drain()
         self._try(self._flush)
         delivered = self._started and not self._pending and not self._artifacts
-        if delivered:
-            self._try(lambda: self.client.set_terminated(self.run_id, status=status))
-        else:
+        if self._started:
+            def end() -> None:
+                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+                self.client.set_terminated(self.run_id, status=status)
+            self._try(end)
+        if not delivered:
             log.warning("MLflow at %s: %d metric(s) and %d artifact(s) not delivered; the run folder keeps "
                         "metrics.jsonl and samples/", self.uri, len(self._pending), len(self._artifacts))
         return delivered
@@ -124,17 +165,19 @@ class Tracker:
             elif kind == "artifact":
                 self._artifacts.append(payload)
 
-    def _try(self, action) -> None:
+    def _try(self, action: Callable[[], None]) -> None:
+        """Run `action`; one warning when the store goes down, one when it answers again."""
         try:
             action()
-            if self._warned:
-                log.warning("MLflow at %s is reachable again; logging resumed", self.uri)
-                self._warned = False
         except Exception as err:  # noqa: BLE001 - a tracking outage must never stop training
-            if not self._warned:
+            if not self._down:
                 log.warning("MLflow at %s unreachable (%s: %s); training goes on, logging will retry",
-                            self.uri, type(err).__name__, str(err).splitlines()[0][:200])
-                self._warned = True
+                            self.uri, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+                self._down = True
+            return
+        if self._down:
+            log.warning("MLflow at %s is reachable again: %d metric(s) delivered late", self.uri, self._late)
+            self._down, self._late = False, 0
 
     def _start_run(self) -> None:
         if self._started:
@@ -144,13 +187,18 @@ class Tracker:
             exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
             run = self.client.create_run(exp_id, run_name=self.run_name or None)
             self.run_id = run.info.run_id
-            existing: dict[str, str] = {}
+            if self._on_run is not None:  # recorded before anything else can fail: a retry must not make a second run
+                self._on_run(self.run_id)
         else:
-            existing = self.client.get_run(self.run_id).data.params
+            run = self.client.get_run(self.run_id)
             self.client.update_run(self.run_id, status="RUNNING")
+        existing = run.data.params
         new = [Param(k, v) for k, v in self._params.items() if k not in existing]
         changed = {f"resume.changed.{k}": v for k, v in self._params.items() if k in existing and existing[k] != v}
-        tags = [RunTag(k, str(v)) for k, v in {**self._tags, **changed}.items()]
+        lifecycle = {STATUS_TAG: "running"}
+        if jobs := _append_job(run.data.tags.get(JOB_IDS_TAG), self._tags.get("slurm.job_id")):
+            lifecycle[JOB_IDS_TAG] = jobs
+        tags = [RunTag(k, str(v)) for k, v in {**self._tags, **changed, **lifecycle}.items()]
         for i in range(0, max(len(new), 1), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=new[i:i + 100], tags=tags if i == 0 else [])
         self._started = True
@@ -170,8 +218,11 @@ class Tracker:
     def _flush(self) -> None:
         self._start_run()
         while self._pending:
-            self.client.log_batch(self.run_id, metrics=self._pending[:_BATCH])
+            batch = self._pending[:_BATCH]
+            self.client.log_batch(self.run_id, metrics=batch)
             del self._pending[:_BATCH]
+            if self._down:
+                self._late += len(batch)
         while self._artifacts:
             path, artifact_path = self._artifacts[0]
             self.client.log_artifact(self.run_id, path, artifact_path)

@@ -303,6 +303,7 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep, self.milestones = keep, set(milestones)
         self.rank, self.agree, self.best, self.share = rank, agree, best, share
+        self.expected_bytes = 0  # the owner's estimate of one checkpoint, for errors before the first exists
         self._parts: list[_Part] = []
         self.hashing = True  # off only to measure what hashing costs a save
 
@@ -448,7 +449,7 @@ class CheckpointManager:
         _fsync_dir(self.root)
 
     def _fail(self, step: int, tmp: Path, error: OSError | None) -> None:
-        needed = sum(p.stat().st_size for p in tmp.iterdir()) if tmp.is_dir() else 0
+        needed = max(sum(p.stat().st_size for p in tmp.iterdir()) if tmp.is_dir() else 0, self.expected_bytes)
         steps = self.complete_steps()
         latest = self.root / step_dir_name(steps[-1]) if steps else None
         shutil.rmtree(tmp, ignore_errors=True)

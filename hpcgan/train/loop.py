@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,8 @@ from hpcgan.models import build_models
 from hpcgan.augment import build_augment
 from hpcgan.models.ema import EMA, ema_decay
 from hpcgan.models.losses import d_loss, g_loss, r1_penalty
-from hpcgan.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointManager, Source, step_dir_name
+from hpcgan.train.checkpoint import (MODEL_FILE, STATE_FILE, CheckpointError, CheckpointManager, Source,
+                                     step_dir_name)
 from hpcgan.train.conditioning import check_classes, resolve_classes, run_classes, step_labels
 from hpcgan.train.distributed import (agree, carry_rank0_augment, from_global_position, rederive_rng,
                                      release_distributed, resume_on_new_world, resume_seed, share)
@@ -41,7 +44,10 @@ EXIT_DONE = 0
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path) -> None:
+    def __init__(self, cfg: Config, run_dir: str | Path, interrupt: InterruptFlag | None = None) -> None:
+        """`interrupt`: a flag installed before the trainer is built, so that a signal during start-up
+        (data, models, floors, MLflow, resume) still ends in a resumable exit; fit() installs its own."""
+        self.interrupt = interrupt if interrupt is not None else InterruptFlag()
         self.cfg, tcfg = cfg, cfg.train
         self.run = RunFolder(run_dir)
         self.acc, self.precision = make_accelerator(cfg)
@@ -72,7 +78,6 @@ class Trainer:
         self._base_lrs = [[group["lr"] for group in opt.param_groups] for opt in (self.opt_g, self.opt_d)]
         self._initial: dict[str, bytes] | None = None  # the rollback target until the first checkpoint
         self._register_parts()
-        self.interrupt = InterruptFlag()
         # One CPU process runs a step synchronously for seconds; an interrupt that arrives before D's
         # update undoes the step and saves at once rather than finishing it, halving the worst-case
         # signal-to-exit time. On a GPU the host is ahead of the device anyway, and several ranks would
@@ -338,7 +343,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def fit(self) -> int:
-        """Train to `total_steps`; returns 0 when done, EXIT_INTERRUPTED after a signal-triggered save."""
+        """Train to `total_steps`; returns 0 when done, EXIT_INTERRUPTED after a signal-triggered save (or a
+        signal during start-up, with nothing to save)."""
+        own = not self.interrupt.installed
+        if own:
+            self.interrupt.install()
+        try:
+            return self._fit()
+        finally:
+            if own:
+                self.interrupt.restore()
+
+    def _fit(self) -> int:
+        if self._startup_interrupted():
+            return self._exit_startup()
         lock, refusal = self.run.lock(), None
         if self.is_main:  # global rank 0 holds the lock for all ranks
             try:
@@ -360,18 +378,51 @@ class Trainer:
                     log.info("run %s is already at step %d of %d: nothing to do", self.run.root,
                              self.state.step, self.total_steps)
                 return EXIT_DONE
+            if self._startup_interrupted():
+                return self._exit_startup()
+            self._check_free_space()
             if self.is_main:
                 self.run.write_config(self.cfg)
                 log.info("training on %s x %d in %s (train.mixed_precision=%s)", self.device.type, self.world,
                          precision_name(self.precision), self.cfg.train.mixed_precision)
-            self.report.start(self.state, precision_name(self.precision), self.total_steps)
-            self.interrupt.install()
             try:
+                self.report.start(self.state, precision_name(self.precision), self.total_steps)
+                if self._startup_interrupted():
+                    return self._exit_startup()
                 return self._loop(lock)
-            finally:
-                self.interrupt.restore()
+            except BaseException as err:
+                self.report.fail(err)
+                raise
         finally:
             lock.release()
+
+    def _startup_interrupted(self) -> bool:
+        """Whether a signal arrived during start-up, agreed by all ranks (each start-up phase asks)."""
+        return bool(self.interrupt) if self.world == 1 else not self._agree(not self.interrupt)
+
+    def _exit_startup(self) -> int:
+        self.report.finish("KILLED")
+        if self.is_main:
+            log.warning("interrupted by signal %s during start-up, at step %d: nothing new to save, exiting with "
+                        "%d (resumable)", self.interrupt.signum, self.state.step, EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
+
+    def _checkpoint_bytes(self) -> int:
+        """One checkpoint's size before any exists: the weights, and Adam's two moments per parameter."""
+        modules = [self.generator, self.discriminator] + ([self.ema.module] if self.ema else [])
+        weights = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
+        params = [p for opt in (self.opt_g, self.opt_d) for group in opt.param_groups for p in group["params"]]
+        return weights + 2 * sum(p.numel() * p.element_size() for p in params)
+
+    def _check_free_space(self) -> None:
+        """Refuse to train when one checkpoint would not fit: finding out at the first save wastes the steps."""
+        need = self.ckpt.expected_bytes = self._checkpoint_bytes()
+        free = shutil.disk_usage(self.run.root).free if self.is_main else need
+        if not self._agree(free >= need):
+            raise CheckpointError(f"{self.run.checkpoints}: {free / 1e6:.1f} MB free, but one checkpoint needs "
+                                  f"about {need / 1e6:.1f} MB: free space or raise the quota, then run the same "
+                                  "command again" if self.is_main else f"{self.run.root}: no room for a "
+                                  "checkpoint (see rank 0's error)")
 
     def _loop(self, lock: RunLock) -> int:
         tcfg, ccfg = self.cfg.train, self.cfg.checkpoint
@@ -442,8 +493,12 @@ class Trainer:
         return EXIT_INTERRUPTED
 
 
-def train(cfg: Config, run_dir: str | Path) -> int:
+def train(cfg: Config, run_dir: str | Path, signals: Sequence[int] = ()) -> int:
+    """`signals`: ones that arrived before this was called (the CLI records them while torch imports)."""
+    interrupt = InterruptFlag().install()
+    interrupt.signum = interrupt.signum or (signals[0] if signals else None)
     try:
-        return Trainer(cfg, run_dir).fit()
+        return Trainer(cfg, run_dir, interrupt=interrupt).fit()
     finally:
+        interrupt.restore()
         release_distributed()

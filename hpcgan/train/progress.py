@@ -4,14 +4,16 @@ log interval (the loop's only host sync), written to the run folder's metrics lo
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from hpcgan.config import Config
-from hpcgan.train.run_folder import RunFolder
+from hpcgan.config import Config, ConfigError
+from hpcgan.train.run_folder import RunFolder, os_error_line
 from hpcgan.train.samples import generate, grid_labels, save_grid
 from hpcgan.train.state import TrainState
 
@@ -64,6 +66,7 @@ class Reporter:
         self.cfg, self.run, self.device, self.is_main = cfg, run, device, is_main
         self.tracker: Any = None
         self.metrics: Any = None
+        self._state: TrainState | None = None
         self.fixed_noise = torch.randn(64, cfg.model.nz, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
         classes = cfg.model.num_classes  # a conditional grid shows every class, one per row
         self.fixed_labels = grid_labels(64, classes).to(device) if classes else None
@@ -72,6 +75,7 @@ class Reporter:
     def start(self, state: TrainState, precision: str, total: int) -> None:
         """Open tracking (continuing the state's MLflow run), in-loop metrics and the progress bar."""
         step = state.step
+        self._state = state
         if self.is_main and self.cfg.track.enabled:
             self.tracker = start_tracking(self.cfg, self.run, state.mlflow_run_id, precision)
             state.mlflow_run_id = self.tracker.run_id
@@ -97,6 +101,7 @@ class Reporter:
             self.run.append_metrics({"step": step, "images_seen": images_seen, "time": time.time(), **values})
             if self.tracker:
                 self.tracker.log_metrics({**values, "images_seen": images_seen}, step)
+                self._state.mlflow_run_id = self.tracker.run_id  # known late when the server came up late
 
     def log_step(self, step: int, total: int, images_seen: int, record: dict[str, float]) -> None:
         self.write(step, images_seen, record)
@@ -114,8 +119,14 @@ class Reporter:
             self._bar.update(1)
 
     def samples(self, generator: torch.nn.Module, step: int) -> None:
+        """A sample grid; one that cannot be written costs a warning, not the run (checkpoints are the work)."""
         if self.is_main:
-            path = save_grid(generate(generator, self.fixed_noise, self.fixed_labels), self.run.sample_grid(step))
+            try:
+                path = save_grid(generate(generator, self.fixed_noise, self.fixed_labels),
+                                 self.run.sample_grid(step))
+            except OSError as err:
+                log.warning("sample grid of step %d not written: %s", step, os_error_line(err))
+                return
             if self.tracker:
                 self.tracker.log_artifact(path, "samples")
 
@@ -132,7 +143,8 @@ class Reporter:
         return values
 
     def finish(self, status: str, generator: torch.nn.Module | None = None) -> None:
-        """Close the bar and the MLflow run (logging `generator` as its model when finished)."""
+        """Close the bar and the MLflow run (logging `generator` as its model when finished). "KILLED" here
+        is an interrupt with a resumable exit: MLflow shows KILLED, the status tag requeue-pending."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -141,7 +153,24 @@ class Reporter:
         if self.tracker:
             if generator is not None and self.cfg.track.log_model:
                 self.tracker.log_generator(generator, self.cfg.model.nz)
-            self.tracker.close(status=status)
+            self._close(status, requeue=status == "KILLED")
+
+    def fail(self, err: BaseException) -> None:
+        """End the MLflow run of a trainer that raised: FAILED with the reason, or KILLED by Ctrl-C."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if not self.tracker:
+            return
+        if isinstance(err, KeyboardInterrupt):
+            self._close("KILLED")
+        else:
+            reason = str(err).strip().splitlines()[0][:500] if str(err).strip() else ""
+            self._close("FAILED", failure=f"{type(err).__name__}: {reason}".rstrip(": "))
+
+    def _close(self, status: str, **how: Any) -> None:
+        tracker, self.tracker = self.tracker, None  # closed once, whatever raises later
+        tracker.close(status=status, **how)
 
     def _write_report(self) -> None:
         """The run's HTML report, into the run folder and MLflow; a failure costs a warning, not the run."""
@@ -159,16 +188,36 @@ class Reporter:
 
 def start_tracking(cfg: Config, run: RunFolder, run_id: str | None, precision: str) -> Any:
     """The MLflow run of this run folder: the checkpoint's or tracking file's run id, else a new one."""
-    from hpcgan.config import flatten
+    from hpcgan.config import flatten, resolve_tracking_uri
     from hpcgan.track import Tracker, run_tags  # MLflow import costs seconds; only rank 0 pays
 
-    if run_id is None:
-        run_id = (run.read_tracking() or {}).get("run_id")
     tcfg = cfg.track
-    tracker = Tracker(uri=tcfg.uri, experiment=tcfg.experiment, run_name=tcfg.run_name or run.root.name,
+    uri = resolve_tracking_uri(tcfg.uri)
+    check_store(uri)
+    run_id = (run.read_tracking() or {}).get("run_id") or run_id
+
+    def recorded(new_id: str) -> None:
+        run.write_tracking(new_id, uri, tcfg.experiment)
+        log.info("MLflow run %s at %s", new_id, uri)
+
+    tracker = Tracker(uri=uri, experiment=tcfg.experiment, run_name=tcfg.run_name or run.root.name,
                       params=flatten(cfg), tags={**run_tags(), "precision": precision}, run_id=run_id,
-                      flush_every_s=tcfg.flush_every_s, system_metrics_every_s=tcfg.system_metrics_every_s)
-    if tracker.run_id:
-        run.write_tracking(tracker.run_id, tracker.uri, tcfg.experiment)
-        log.info("MLflow run %s at %s", tracker.run_id, tracker.uri)
+                      flush_every_s=tcfg.flush_every_s, system_metrics_every_s=tcfg.system_metrics_every_s,
+                      on_run=recorded)
+    if run_id:
+        recorded(run_id)
     return tracker
+
+
+def check_store(uri: str) -> None:
+    """A local SQLite store needs a writable folder; say so before training, not as a traceback later."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    folder = db.parent
+    why = ("is a folder" if db.is_dir() else "its folder does not exist" if not folder.is_dir()
+           else "its folder is not writable" if not os.access(folder, os.W_OK)
+           else "is not writable" if db.exists() and not os.access(db, os.W_OK) else None)
+    if why:
+        raise ConfigError(f"track.uri {uri}: {db} {why}; create it or point track.uri (or $MLFLOW_TRACKING_URI) "
+                          "at a writable store, or set track.enabled=false")

@@ -18,6 +18,7 @@ Layout of `RUN/`:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcgan.config import Config, build_config, read_yaml, save_config
+from hpcgan.config import Config, build_config, config_text, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,33 @@ class RunLockedError(RuntimeError):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """All of `text` or the file as it was: a full disk leaves neither a truncated file nor a temp file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as err:  # named after the file the user knows, not the temp file (or none: a failed flush)
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def os_error_line(err: OSError) -> str:
+    """A failed file operation as one line: the path, what the system said, and what to do about it."""
+    where = err.filename or "a file"
+    if err.errno in _FULL:
+        fix = "free space, raise the quota or the file-size limit, then run the same command again"
+    elif err.errno in _DENIED:
+        fix = "make it writable or choose another path"
+    else:
+        fix = "check the path"
+    return f"{where}: {err.strerror or err}; {fix}"
 
 
 @dataclass(frozen=True)
@@ -125,12 +150,23 @@ class RunFolder:
 
     def write_config(self, cfg: Config) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.config)
+        atomic_write_text(self.config, config_text(cfg))
 
     # ------------------------------------------------------------------ logs
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_log, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """One whole line or none: a write cut short by a full disk is undone, so the log stays readable."""
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.metrics_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.metrics_log))
+            except OSError as err:
+                os.ftruncate(fd, end)
+                raise OSError(err.errno, err.strerror, str(self.metrics_log)) from None
+        finally:
+            os.close(fd)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_log.exists():
@@ -221,7 +257,11 @@ class RunLock:
 
     def _try_create(self) -> bool:
         tmp = self.path.with_name(f"{self.path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(_identity()))
+        try:
+            tmp.write_text(json.dumps(_identity()))
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, f"cannot create the run lock ({err.strerror})", str(self.path)) from None
         try:
             os.link(tmp, self.path)
             return True

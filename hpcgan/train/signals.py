@@ -55,6 +55,10 @@ class InterruptFlag:
     def __bool__(self) -> bool:
         return self.signum is not None
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
 
