@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from hpcgan.train import EXIT_INTERRUPTED
@@ -120,3 +121,26 @@ def test_run_ends_with_quality_curves_floors_system_metrics_and_a_report(image_f
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/swd")] == [30, 60]
     assert {"floor/swd", "floor_halves/swd", "floor/msssim", "images_seen", "eval_s"} <= run.data.metrics.keys()
     assert [a.path for a in client.list_artifacts(run.info.run_id, "report")] == ["report/report.html"]
+
+
+class BrokenGenerator(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, z):
+        raise RuntimeError("forward is broken")
+
+
+def test_model_logging_failure_is_one_warning_and_the_run_still_finishes(tmp_path, caplog):
+    from hpcgan.track import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri=uri, experiment="t", run_name="r", params={"a": 1}, tags={})
+    caplog.set_level("WARNING")
+    tracker.log_generator(BrokenGenerator(), nz=4)
+    assert tracker.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "generator not logged as an MLflow model (RuntimeError: forward is broken)" in warnings[0]
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FINISHED"
