@@ -64,6 +64,8 @@ MODULE_COMMANDS = {
     "features": ("hpcgan.features", "train the offline feature space (FD/KID/PR without Inception) of a shard folder"),
     "bench": ("hpcgan.bench.run", "measure throughput (or, with --quality, time to quality) against the classic DCGAN loop"),
     "report": ("hpcgan.report", "write one self-contained HTML report of a run (curves, samples, evaluation, data)"),
+    "doctor": ("hpcgan.doctor", "preflight of this machine or job: devices, ranks, shared run folder, disk, MLflow, "
+                                "partition, time limit"),
 }
 
 

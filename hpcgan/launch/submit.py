@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preemptions/time-outs a run may survive (submitit max_num_timeout)")
     p.add_argument("--signal-delay", type=int, default=120,
                    help="seconds before the time limit that SLURM sends the warning signal")
+    p.add_argument("--skip-doctor", action="store_true",
+                   help="submit without the quick `hpcgan doctor` checks (disk, run folder, MLflow, partition GPUs, time)")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
                    help="wait for the job(s) and show the log (default: on for local/debug, off for slurm)")
     return p
@@ -150,6 +152,21 @@ def plan_runs(opts: argparse.Namespace, train_argv: list[str]) -> Plan:
     return Plan(runs, experiment or "hpcgan")
 
 
+def run_doctor(opts: argparse.Namespace, plan: Plan) -> None:
+    """`hpcgan doctor`'s quick checks of each run: warnings printed, the first failure refuses the submission."""
+    from hpcgan.doctor import preflight
+
+    checks = preflight([argv for _, argv in plan.runs], slurm=opts.cluster == "slurm", partition=opts.partition,
+                       gpus_per_node=opts.gpus_per_node, nodes=opts.nodes, tasks=opts.tasks_per_node or 1,
+                       time_limit=opts.time)
+    for check in checks:
+        if check.verdict == "warn":
+            print(f"launch/submit.py: doctor: {check.line()}", file=sys.stderr)
+    failed = next((c for c in checks if c.verdict == "fail"), None)
+    if failed:
+        raise LaunchError(f"doctor: {failed.line()} (--skip-doctor submits anyway)")
+
+
 def make_executor(opts: argparse.Namespace, folder: Path):
     import submitit
 
@@ -201,6 +218,8 @@ def submit(opts: argparse.Namespace, train_argv: list[str]) -> tuple[Plan, list]
     if opts.cluster != "slurm" and opts.nodes > 1:
         raise LaunchError(f"--nodes {opts.nodes} needs --cluster slurm; the {opts.cluster} executor runs on this machine")
     plan = plan_runs(opts, train_argv)
+    if not opts.skip_doctor:
+        run_doctor(opts, plan)
     folder = plan.runs[0][0].parent if len(plan.runs) > 1 else plan.runs[0][0]
     logs = folder / "submitit" / time.strftime("%Y%m%d-%H%M%S")
     executor = make_executor(opts, logs)

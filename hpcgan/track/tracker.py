@@ -53,12 +53,23 @@ def run_tags() -> dict[str, str]:
     return tags
 
 
+def start_system_metrics(run_id: str, uri: str, every_s: float, node_id: str | None = None) -> Any:
+    """MLflow's sampler of this node's CPU, memory, disk, network, and each GPU where pynvml is importable,
+    into `run_id` as `system/*` (`system/<node_id>/*` when given), continuing a resumed run's step count."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=True, node_id=node_id,
+                                   tracking_uri=resolve_tracking_uri(uri))
+    monitor.start()
+    return monitor
+
+
 class Tracker:
     """One MLflow run; all public methods return at once."""
 
     def __init__(self, *, uri: str, experiment: str, run_name: str, params: dict[str, Any],
                  tags: dict[str, str], run_id: str | None = None, flush_every_s: float = 2.0,
-                 system_metrics_every_s: float = 0.0) -> None:
+                 system_metrics_every_s: float = 0.0, system_node_id: str | None = None) -> None:
         self.uri = resolve_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment, self.run_name = experiment, run_name
@@ -73,6 +84,7 @@ class Tracker:
         self._flush_every_s = flush_every_s
         self._system_every_s = system_metrics_every_s
         self._system: Any = None
+        self._system_node_id = system_node_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
         self._try(self._start_run)  # best effort now, so the id is known for the first checkpoint
@@ -157,11 +169,7 @@ class Tracker:
         continuing the step count of a resumed run."""
         if self._system_every_s <= 0 or self._system is not None:
             return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        self._system = SystemMetricsMonitor(self.run_id, sampling_interval=self._system_every_s,
-                                            resume_logging=True, tracking_uri=self.uri)
-        self._system.start()
+        self._system = start_system_metrics(self.run_id, self.uri, self._system_every_s, self._system_node_id)
 
     def _flush(self) -> None:
         self._start_run()
