@@ -29,6 +29,7 @@ from hpcgan.train.deadline import format_duration, job_end_time, parse_time_left
 # File systems that SQLite's locking cannot trust across hosts.
 NETWORK_FS = {"nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "beegfs", "fuse.sshfs", "ceph", "fuse.glusterfs",
               "panfs", "wekafs", "9p"}
+OTHER_GRES = {"shard", "mps", "nic", "bandwidth", "license", "tmpdisk"}
 MIN_TIME_LIMIT_S = 300  # less than this and startup plus one checkpoint may not fit
 
 
@@ -243,9 +244,10 @@ def existing_parent(path: Path) -> Path:
     return path
 
 
-def check_run_folder(out: Path) -> Check:
-    """The run folder can be created and written here; folders created only to find out are removed."""
-    created = [p for p in (out.absolute(), *out.absolute().parents) if not p.exists()]
+def check_run_folder(out: Path, tidy: bool = False) -> Check:
+    """The run folder can be created and written here; with `tidy`, folders created only to find out are
+    removed (a submission that is refused leaves nothing behind)."""
+    created = [p for p in (out.absolute(), *out.absolute().parents) if not p.exists()] if tidy else []
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".doctor-write-{os.getpid()}"
@@ -355,8 +357,8 @@ def gres_count(text: str) -> int | None:
             found = True
             continue
         parts = item.split(":")
-        if parts[0] not in ("gpu",) and not (len(parts) <= 2 and parts[-1].isdigit()):
-            continue  # another GRES (shard, mps, license)
+        if parts[0] in OTHER_GRES or (parts[0] != "gpu" and len(parts) > 2):
+            continue  # another GRES
         count = parts[-1]
         if count.isdigit():
             total, found = total + int(count), True
@@ -426,9 +428,10 @@ def check_time_limit(limit_s: float | None, cfg: Config, step_s: float | None) -
 
 # ---------------------------------------------------------------- putting it together
 def quick_checks(cfg: Config, out: Path, *, partition: str | None = None, gpus_per_node: int = 0,
-                 limit_s: float | None = None, step_s: float | None = None, several_jobs: bool = False) -> list[Check]:
+                 limit_s: float | None = None, step_s: float | None = None, several_jobs: bool = False,
+                 tidy: bool = False) -> list[Check]:
     """What can be known before submitting: no GPU, no peers needed."""
-    checks = [check_run_folder(out)]
+    checks = [check_run_folder(out, tidy)]
     if checks[0].verdict == "ok":
         checks.append(check_disk(out, cfg))
     checks += [check_mlflow(cfg, several_jobs), check_partition(partition, gpus_per_node),
@@ -447,7 +450,7 @@ def preflight(runs: list[list[str]], *, slurm: bool, partition: str | None, gpus
         checks += quick_checks(resolve_train_config(args), Path(args.out), partition=partition if slurm else None,
                                gpus_per_node=(gpus_per_node or 0) if slurm else 0,
                                limit_s=parse_time_left(time_limit) if slurm and time_limit else None,
-                               several_jobs=len(runs) > 1 or nodes > 1 or tasks > 1)
+                               several_jobs=len(runs) > 1 or nodes > 1 or tasks > 1, tidy=True)
     return checks
 
 
