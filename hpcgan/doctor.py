@@ -87,6 +87,12 @@ def check_devices(env: dict[str, str]) -> Check:
     if hardware and seen == 0:
         return Check("devices", "fail", f"{have}, but {hardware} are allocated/installed",
                      "torch cannot reach the driver: check `nvidia-smi`, the CUDA module and CUDA_VISIBLE_DEVICES")
+    local_rank = int(env.get("LOCAL_RANK") or env.get("SLURM_LOCALID") or 0)
+    if seen and local_rank >= seen:
+        return Check("devices", "fail", f"{have}, but this is local rank {local_rank}: each task was bound to its "
+                     "own GPU, so every process would take cuda:0's place and cuda:LOCAL_RANK does not exist",
+                     "let every task see all of the node's GPUs (no --gpu-bind, no per-task CUDA_VISIBLE_DEVICES); "
+                     "hpcgan picks cuda:LOCAL_RANK")
     if expected is not None and seen != expected:
         return Check("devices", "warn", f"{have}; the job was given {expected}",
                      "request --gpus-per-node to match tasks, and let srun bind one GPU per task "
@@ -94,7 +100,25 @@ def check_devices(env: dict[str, str]) -> Check:
     if seen:
         names = sorted({torch.cuda.get_device_name(i) for i in range(seen)})
         return Check("devices", "ok", f"{have}: {', '.join(names)}")
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_JOB_PARTITION") and build != "CPU" and \
+            (partition_gpus(env["SLURM_JOB_PARTITION"]) or 0) > 0:
+        return Check("devices", "fail", f"{have}: this job on GPU partition {env['SLURM_JOB_PARTITION']} has none",
+                     "request them: --gpus-per-node G (sbatch/srun and launch/submit.py)")
     return Check("devices", "ok", f"{have}; training runs on CPU here")
+
+
+def check_cpus(env: dict[str, str]) -> Check | None:
+    """The cores this task may use against --cpus-per-task: srun (SLURM >= 22.05) does not inherit the
+    job's --cpus-per-task, and a task pinned to one core starves its data workers."""
+    wanted = int(env.get("SLURM_CPUS_PER_TASK", "0") or 0)
+    if not wanted or not hasattr(os, "sched_getaffinity"):
+        return None
+    have = len(os.sched_getaffinity(0))
+    text = f"{have} core(s) usable, --cpus-per-task={wanted}, OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}"
+    if have < wanted:
+        return Check("cpus", "warn", text, "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK before srun "
+                     "(launch/submit.py's jobs get it from submitit)")
+    return Check("cpus", "ok", text)
 
 
 def check_precision() -> Check:
@@ -389,12 +413,17 @@ def default_partition() -> str | None:
 
 def check_partition(partition: str | None, gpus_per_node: int) -> Check | None:
     """The partition's GPUs per node against the request."""
-    if not gpus_per_node or not shutil.which("sinfo"):
+    if not shutil.which("sinfo"):
         return None
     partition = partition or default_partition()
     if partition is None:
         return None
     have = partition_gpus(partition)
+    if not gpus_per_node:
+        if have:
+            return Check("partition", "warn", f"{partition} has {have} GPU(s) per node, none requested: the job "
+                         "would train on CPU", f"add --gpus-per-node {have}")
+        return None
     if have is None:
         return Check("partition", "warn", f"{partition}: sinfo does not list it",
                      "check --partition against `sinfo -s`")
@@ -464,10 +493,11 @@ def all_checks(cfg: Config, out: Path, opts: argparse.Namespace) -> list[Check]:
         end = job_end_time(env)
         limit = None if end is None else end - time.time()
     several = world > 1 or int(env.get("SLURM_JOB_NUM_NODES", "1") or 1) > 1 or opts.nodes > 1
-    gpus = opts.gpus_per_node if opts.gpus_per_node is not None else 0
-    checks = [check_devices(env), check_precision(), check_dali(cfg),
-              *quick_checks(cfg, out, partition=opts.partition, gpus_per_node=gpus, limit_s=limit,
-                            step_s=opts.step_time, several_jobs=several)]
+    gpus = opts.gpus_per_node if opts.gpus_per_node is not None else (gpus_requested(env) or 0) \
+        if env.get("SLURM_JOB_ID") else 0
+    checks = [c for c in (check_devices(env), check_cpus(env), check_precision(), check_dali(cfg)) if c is not None]
+    checks += quick_checks(cfg, out, partition=opts.partition, gpus_per_node=gpus, limit_s=limit,
+                           step_s=opts.step_time, several_jobs=several)
     if world > 1:
         ranks = join_ranks(opts.timeout)
         checks.append(ranks)
@@ -502,9 +532,8 @@ def run(args: argparse.Namespace) -> int:
     checks = all_checks(cfg, out, args)
     rank = int(os.environ.get("RANK", "0"))
     failed = [c for c in checks if c.verdict == "fail"]
-    # every rank's verdicts matter (a node without GPUs); rank 0 speaks for the checks all ranks share
-    for check in checks:
-        if rank == 0 or check.verdict != "ok":
+    for check in checks:  # a shared folder's verdict is the same on every rank: rank 0 says it
+        if rank == 0 or (check.verdict != "ok" and check.name != "shared run folder"):
             print(f"[{socket.gethostname()} rank {rank}] {check.line()}" if launched_world(dict(os.environ)) > 1
                   else check.line(), flush=True)
     if rank == 0:

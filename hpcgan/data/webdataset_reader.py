@@ -23,6 +23,7 @@ batches already served.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,6 +61,14 @@ def _first_line(exn: BaseException) -> str:
     text = str(exn.args[0]) if exn.args else ""
     text = text.split(" @ ")[0].strip()  # webdataset appends " @ <stream repr>"
     return f"{type(exn).__name__}: {text.splitlines()[0]}" if text else type(exn).__name__
+
+
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """A scheduler signals the whole process group (preemption, scancel, time limit): a worker that died
+    of it would fail the trainer's next batch before the trainer could checkpoint. Workers ignore the
+    signals the trainer saves on; they end with the trainer's iterator, or with its process."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class _EpochStream(IterableDataset):
@@ -189,7 +198,8 @@ class WebDatasetReader:
         # Its own generator: each iter() draws a base seed, which must not come from the global RNG that
         # the trainer's noise comes from, or a run resumed mid-epoch would draw different noise.
         self._loader = DataLoader(self._stream, batch_size=None, collate_fn=_first, num_workers=workers,
-                                  pin_memory=self.device.type == "cuda", generator=torch.Generator())
+                                  pin_memory=self.device.type == "cuda", generator=torch.Generator(),
+                                  worker_init_fn=_leave_signals_to_the_trainer)
         self._iter: Iterator[tuple[int, torch.Tensor, torch.Tensor] | str] | None = None
         self.epoch, self.batch = 0, 0
         self._flips: torch.Tensor | None = None
