@@ -77,6 +77,8 @@ MODULE_COMMANDS = {
     "bench": ("hpcgan.bench.run", "measure throughput (or, with --quality, time to quality) against the classic DCGAN loop"),
     "report": ("hpcgan.report", "write one self-contained HTML report of a run (curves, samples, evaluation, data)"),
     "checkpoint": ("hpcgan.verify", "verify a run's checkpoints (sizes and content hashes): `checkpoint verify RUN`"),
+    "doctor": ("hpcgan.doctor", "preflight of this machine or job: devices, ranks, shared run folder, disk, MLflow, "
+                                "partition, time limit"),
 }
 
 

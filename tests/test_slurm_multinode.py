@@ -7,11 +7,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
-from helpers import REPO, TINY, assert_identical, final_weights
+from helpers import REPO, TINY, assert_identical, cli_env, final_weights
 from test_launch import finish, job_id, one_mlflow_run, sacct_states, submit, wait_for_step
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -101,7 +103,8 @@ def two_node_run(nodes, image_folder, tmp_path_factory):
     """An uninterrupted run with one rank on each of two nodes."""
     tmp = tmp_path_factory.mktemp("two-nodes")
     out = tmp / "run"
-    proc = submit(tmp, out, "--wait", *TWO_NODES, data=image_folder, steps=STEPS, extra=SETS)
+    proc = submit(tmp, out, "--wait", *TWO_NODES, data=image_folder, steps=STEPS,
+                  extra=(*SETS, "track.system_metrics_every_s=0.5"))
     jid = job_id(proc)
     log = finish(proc)
     assert "finished at step" in log
@@ -120,8 +123,39 @@ def test_two_nodes_train_like_one_node(two_node_run, single_node):
     assert logged_steps(out) == list(range(1, STEPS + 1))
     assert sorted(p.name for p in (out / "checkpoints" / f"step-{STEPS:07d}").glob("rank-*.pt")) == [
         "rank-00000.pt", "rank-00001.pt"]
-    one_mlflow_run(tmp)
+    run_id = one_mlflow_run(tmp)
     assert_identical(final_weights(out), single_node)
+    # System metrics of every node in the one run, each under its host name.
+    metrics = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_run(run_id).data.metrics
+    for node in ("node1", "node2"):
+        assert f"system/{node}/cpu_utilization_percentage" in metrics, sorted(metrics)
+
+
+def doctor_on_two_nodes(out: Path, private_on_rank1: bool = False) -> subprocess.CompletedProcess:
+    """`hpcgan doctor` as one rank on each node; rank 1 may see `out` as an empty tmpfs of its own (a mount
+    namespace of its own: the folder exists on both nodes, but is not the same folder)."""
+    doctor = f"{sys.executable} -m hpcgan doctor --out {out}"
+    if private_on_rank1:
+        doctor = (f'if [ "$SLURM_PROCID" = 1 ]; then exec unshare --mount sh -c "mount -t tmpfs tmpfs {out} && '
+                  f'exec {doctor}"; else exec {doctor}; fi')
+    return subprocess.run(["srun", "-N", "2", "-n", "2", "-t", "10", "--cpus-per-task", "1", "sh", "-c", doctor],
+                          cwd=out.parent, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_doctor_across_two_nodes_finds_a_run_folder_only_one_node_sees(nodes, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    shared = doctor_on_two_nodes(out)
+    assert shared.returncode == 0, shared.stdout + shared.stderr
+    assert "ok   ranks: gloo across 2 ranks (MASTER_ADDR node1:" in shared.stdout
+    assert f"ok   shared run folder: {out}: seen by all 2 ranks on 2 node(s)" in shared.stdout
+    private = doctor_on_two_nodes(out, private_on_rank1=True)
+    assert private.returncode == 1, private.stdout + private.stderr
+    failed = [line for line in private.stdout.splitlines() if " fail " in f" {line.split('] ', 1)[-1]}"]
+    assert len(failed) == 1 and failed[0].endswith(
+        f"fail shared run folder: {out}: a file rank 0 wrote there is not visible on node2 -> put --out on a file "
+        "system every node mounts (not /tmp or node-local scratch)"), private.stdout
 
 
 def test_requeued_two_node_run_resumes_exactly(two_node_run, image_folder, tmp_path):

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 import hpcgan
@@ -256,3 +257,26 @@ def test_server_outage_is_two_lines_and_a_failure_is_recorded_with_its_reason(im
         assert run.data.tags["hpcgan.failure"].startswith("CheckpointError: cannot write checkpoint step 2")
     finally:
         server.stop()
+
+
+class BrokenGenerator(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, z):
+        raise RuntimeError("forward is broken")
+
+
+def test_model_logging_failure_is_one_warning_and_the_run_still_finishes(tmp_path, caplog):
+    from hpcgan.track import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri=uri, experiment="t", run_name="r", params={"a": 1}, tags={})
+    caplog.set_level("WARNING")
+    tracker.log_generator(BrokenGenerator(), nz=4)
+    assert tracker.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "generator not logged as an MLflow model (RuntimeError: forward is broken)" in warnings[0]
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FINISHED"

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let SLURM requeue the job after preemption or node failure (sbatch --requeue)")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything, print the sbatch script and srun line that would run; submit nothing")
+    p.add_argument("--skip-doctor", action="store_true",
+                   help="submit without the quick `hpcgan doctor` checks (disk, run folder, MLflow, partition GPUs, time)")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
                    help="wait for the job(s) and show the log (default: on for local/debug, off for slurm)")
     return p
@@ -180,6 +182,21 @@ def plan_runs(opts: argparse.Namespace, train_argv: list[str]) -> Plan:
             argv += ["--set", f"track.uri={track_uri}"]
         runs.append((out, argv))
     return Plan(runs, experiment or "hpcgan")
+
+
+def run_doctor(opts: argparse.Namespace, plan: Plan, res: Resources) -> None:
+    """`hpcgan doctor`'s quick checks of each run: warnings printed, the first failure refuses the submission."""
+    from hpcgan.doctor import preflight
+
+    checks = preflight([argv for _, argv in plan.runs], slurm=opts.cluster == "slurm", partition=opts.partition,
+                       gpus_per_node=res.gpus, nodes=opts.nodes, tasks=res.tasks,
+                       time_limit=opts.time)
+    for check in checks:
+        if check.verdict == "warn":
+            print(f"launch/submit.py: doctor: {check.line()}", file=sys.stderr)
+    failed = next((c for c in checks if c.verdict == "fail"), None)
+    if failed:
+        raise LaunchError(f"doctor: {failed.line()} (--skip-doctor submits anyway)")
 
 
 def make_executor(opts: argparse.Namespace, folder: Path, res: Resources):
@@ -266,6 +283,8 @@ def submit(opts: argparse.Namespace, train_argv: list[str]) -> tuple[Plan, list]
     res = resolve_resources(opts, shape)
     if res.note:
         print(res.note)
+    if not opts.skip_doctor:
+        run_doctor(opts, plan, res)
     folder = plan.runs[0][0].parent if len(plan.runs) > 1 else plan.runs[0][0]
     logs = folder / "submitit" / time.strftime("%Y%m%d-%H%M%S")
     executor = make_executor(opts, logs, res)

@@ -83,12 +83,24 @@ def _append_job(previous: str | None, job: str | None) -> str | None:
     return ",".join(jobs) or None
 
 
+def start_system_metrics(run_id: str, uri: str, every_s: float, node_id: str | None = None) -> Any:
+    """MLflow's sampler of this node's CPU, memory, disk, network, and each GPU where pynvml is importable,
+    into `run_id` as `system/*` (`system/<node_id>/*` when given), continuing a resumed run's step count."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=True, node_id=node_id,
+                                   tracking_uri=resolve_tracking_uri(uri))
+    monitor.start()
+    return monitor
+
+
 class Tracker:
     """One MLflow run; all public methods return at once."""
 
     def __init__(self, *, uri: str, experiment: str, run_name: str, params: dict[str, Any],
                  tags: dict[str, str], run_id: str | None = None, flush_every_s: float = 2.0,
-                 system_metrics_every_s: float = 0.0, on_run: Callable[[str], None] | None = None) -> None:
+                 system_metrics_every_s: float = 0.0, system_node_id: str | None = None,
+                 on_run: Callable[[str], None] | None = None) -> None:
         self.uri = resolve_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment, self.run_name = experiment, run_name
@@ -105,6 +117,7 @@ class Tracker:
         self._flush_every_s = flush_every_s
         self._system_every_s = system_metrics_every_s
         self._system: Any = None
+        self._system_node_id = system_node_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
         self._try(self._start_run)  # best effort now, so the id is known for the first checkpoint
@@ -209,11 +222,7 @@ class Tracker:
         continuing the step count of a resumed run."""
         if self._system_every_s <= 0 or self._system is not None:
             return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        self._system = SystemMetricsMonitor(self.run_id, sampling_interval=self._system_every_s,
-                                            resume_logging=True, tracking_uri=self.uri)
-        self._system.start()
+        self._system = start_system_metrics(self.run_id, self.uri, self._system_every_s, self._system_node_id)
 
     def _flush(self) -> None:
         self._start_run()
@@ -230,21 +239,34 @@ class Tracker:
 
     def log_generator(self, generator, nz: int) -> None:
         """The final EMA generator as an MLflow model (pt2 export, not pickle), synchronously; a
-        conditional one takes int64 class labels beside z."""
+        conditional one takes int64 class labels beside z. Exported from a CPU copy: the input example
+        is a CPU array, and the training device may be gone where the model is loaded. A failure costs
+        one warning line: the checkpoint holds the same weights."""
+        import copy
+
         import numpy as np
         import mlflow.pytorch
+        import torch
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
         z = np.zeros((2, nz), dtype=np.float32)
+        inputs: tuple[Any, ...] = (z,)
         extra: dict[str, Any] = {"input_example": z}
         if getattr(generator, "num_classes", 0):  # two inputs: MLflow cannot infer the signature of a tuple
-            extra = {"input_example": (z, np.zeros(2, dtype=np.int64)),
+            inputs = (z, np.zeros(2, dtype=np.int64))
+            extra = {"input_example": inputs,
                      "signature": ModelSignature(inputs=Schema([TensorSpec(z.dtype, (-1, nz), "z"),
                                                                 TensorSpec(np.dtype(np.int64), (-1,), "labels")]))}
-
-        def export() -> None:
+        try:
+            self._start_run()
+            module = copy.deepcopy(getattr(generator, "_orig_mod", generator)).float().cpu().eval()
+            with torch.no_grad():  # run once here: a broken forward is named as such, not as a signature error
+                module(*(torch.from_numpy(a) for a in inputs))
             mlflow.set_tracking_uri(self.uri)
             with mlflow.start_run(run_id=self.run_id):
-                mlflow.pytorch.log_model(generator, name="generator", serialization_format="pt2", **extra)
-        self._try(export)
+                mlflow.pytorch.log_model(module, name="generator", serialization_format="pt2", **extra)
+        except Exception as err:  # noqa: BLE001 - the model is a copy of the checkpoint's EMA weights
+            cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            log.warning("generator not logged as an MLflow model (%s: %s); the run folder's checkpoint holds "
+                        "its weights", type(err).__name__, cause)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from hpcgan.config import Config, ConfigError
+from hpcgan.train.deadline import format_count, job_end_time, job_left, progress_line, run_eta
 from hpcgan.train.run_folder import RunFolder, os_error_line
 from hpcgan.train.samples import generate, grid_labels, save_grid
 from hpcgan.train.state import TrainState
@@ -71,14 +74,25 @@ class Reporter:
         classes = cfg.model.num_classes  # a conditional grid shows every class, one per row
         self.fixed_labels = grid_labels(64, classes).to(device) if classes else None
         self._bar: Any = None
+        self._job_end: float | None = None
+        self._node_monitor: Any = None
 
     def start(self, state: TrainState, precision: str, total: int) -> None:
         """Open tracking (continuing the state's MLflow run), in-loop metrics and the progress bar."""
         step = state.step
         self._state = state
+        leads_node, nodes = node_role() if self.cfg.track.enabled and self.cfg.track.system_metrics_every_s > 0 \
+            else (self.is_main, 1)
+        node_id = socket.gethostname() if nodes > 1 else None  # one `system/<host>/` family per node
+        if self.is_main:
+            self._job_end = job_end_time()
         if self.is_main and self.cfg.track.enabled:
-            self.tracker = start_tracking(self.cfg, self.run, state.mlflow_run_id, precision)
+            self.tracker = start_tracking(self.cfg, self.run, state.mlflow_run_id, precision, node_id)
             state.mlflow_run_id = self.tracker.run_id
+        if nodes > 1:
+            run = (state.mlflow_run_id, self.tracker.uri) if self.tracker else (None, None)
+            self._node_monitor = node_system_metrics(run, leads_node and not self.is_main,
+                                                     self.cfg.track.system_metrics_every_s, node_id)
         if state.restarts:
             self.write(step, state.images_seen, {"restarts": state.restarts})
         if 0 < self.cfg.metrics.every <= total:
@@ -105,9 +119,15 @@ class Reporter:
 
     def log_step(self, step: int, total: int, images_seen: int, record: dict[str, float]) -> None:
         self.write(step, images_seen, record)
-        if self.is_main and self._bar is None:
-            log.info("step %d/%d  loss_d %.4f  loss_g %.4f  D(x) %.3f  D(G(z)) %.3f  %.1f img/s", step, total,
-                     record["loss_d"], record["loss_g"], record["d_real"], record["d_fake"], record["images_per_s"])
+        if not self.is_main:
+            return
+        line = progress_line(step, total, images_seen, record, self.cfg.train.batch_size, self._job_end)
+        if self._bar is None:
+            log.info("%s", line)
+        else:  # the bar shows steps and its own ETA; images seen and the job's time left go beside it
+            eta = run_eta(step, total, self.cfg.train.batch_size, record["images_per_s"])
+            self._bar.set_postfix_str("  ".join(p for p in (f"{format_count(images_seen)} img",
+                                                             job_left(self._job_end, eta)) if p), refresh=False)
 
     def tag(self, key: str, value: str) -> None:
         """An MLflow tag on the run (rank 0)."""
@@ -150,6 +170,9 @@ class Reporter:
             self._bar = None
         if status == "FINISHED" and self.is_main and self.cfg.track.report:
             self._write_report()
+        if self._node_monitor is not None:
+            self._node_monitor.finish()
+            self._node_monitor = None
         if self.tracker:
             if generator is not None and self.cfg.track.log_model:
                 self.tracker.log_generator(generator, self.cfg.model.nz)
@@ -186,7 +209,32 @@ class Reporter:
             self.tracker.log_artifact(path, "report")
 
 
-def start_tracking(cfg: Config, run: RunFolder, run_id: str | None, precision: str) -> Any:
+def node_role() -> tuple[bool, int]:
+    """(whether this rank is the first on its host, how many hosts the job spans); a collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return True, 1
+    host = socket.gethostname()
+    hosts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, host)
+    return hosts.index(host) == dist.get_rank(), len(set(hosts))
+
+
+def node_system_metrics(run: tuple[str | None, str | None], leads_node: bool, every_s: float,
+                        node_id: str | None) -> Any:
+    """Every rank learns rank 0's MLflow (run id, URI) (a collective); the first rank of each other node
+    samples its node's CPU, memory, disk, network and (with pynvml) GPUs into that run as `system/<node_id>/*`."""
+    shared = [run]
+    dist.broadcast_object_list(shared, src=0)
+    run_id, uri = shared[0]
+    if not leads_node or run_id is None:
+        return None
+    from hpcgan.track.tracker import start_system_metrics
+
+    return start_system_metrics(run_id, uri, every_s, node_id)
+
+
+def start_tracking(cfg: Config, run: RunFolder, run_id: str | None, precision: str,
+                   node_id: str | None = None) -> Any:
     """The MLflow run of this run folder: the checkpoint's or tracking file's run id, else a new one."""
     from hpcgan.config import flatten, resolve_tracking_uri
     from hpcgan.track import Tracker, run_tags  # MLflow import costs seconds; only rank 0 pays
@@ -203,7 +251,7 @@ def start_tracking(cfg: Config, run: RunFolder, run_id: str | None, precision: s
     tracker = Tracker(uri=uri, experiment=tcfg.experiment, run_name=tcfg.run_name or run.root.name,
                       params=flatten(cfg), tags={**run_tags(), "precision": precision}, run_id=run_id,
                       flush_every_s=tcfg.flush_every_s, system_metrics_every_s=tcfg.system_metrics_every_s,
-                      on_run=recorded)
+                      system_node_id=node_id, on_run=recorded)
     if run_id:
         recorded(run_id)
     return tracker
