@@ -2,7 +2,9 @@
 
 Generated slices come from the run's EMA generator; the real reference is the held-out (val) split of
 a shard folder, or the images themselves for a plain folder; the memorization audit searches the
-training split, calibrated on the held-out one. Every number is printed beside its real floor (train
+training split, calibrated on the held-out one; the classifier two-sample test (`c2st`) trains on
+training slices against half the generated ones and is tested on held-out slices against the other
+half. Every number is printed beside its real floor (train
 vs held-out, and halves of train, under the same protocol), and feature metrics name their feature
 space: an Inception file when given, else the data set's offline encoder (`hpcgan features`). A metric
 that cannot run (no feature space) is reported as skipped with its reason, never faked; the exit code
