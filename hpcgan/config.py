@@ -145,6 +145,8 @@ class MetricsConfig:
     n: int = 1024  # generated and real images per in-loop evaluation
     best: str = "swd"  # swd | fid | kid (lower is better), one of metrics.names: selects best/
     inception_weights: str = ""  # path to pt_inception-2015-12-05 weights or a TorchScript export
+    on_interrupt: bool = True  # an interrupted run evaluates its last step after the final save...
+    on_interrupt_max_s: float = 20.0  # ...unless an evaluation of this process took longer (SLURM KillWait: 30 s)
 
 
 @dataclass

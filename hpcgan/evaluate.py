@@ -2,7 +2,9 @@
 
 Generated slices come from the run's EMA generator; the real reference is the held-out (val) split of
 a shard folder, or the images themselves for a plain folder; the memorization audit searches the
-training split, calibrated on the held-out one. Every number is printed beside its real floor (train
+training split, calibrated on the held-out one; the classifier two-sample test (`c2st`) trains on
+training slices against half the generated ones and is tested on held-out slices against the other
+half. Every number is printed beside its real floor (train
 vs held-out, and halves of train, under the same protocol), and feature metrics name their feature
 space: an Inception file when given, else the data set's offline encoder (`hpcgan features`). A metric
 that cannot run (no feature space) is reported as skipped with its reason, never faked; the exit code
@@ -38,7 +40,8 @@ from hpcgan.train.run_folder import RunFolder, config_of
 from hpcgan.train.evaluation import real_floors
 from hpcgan.train.samples import generate
 
-ALL = ["swd", "fid", "kid", "pr", "dc", "msssim", "memorization"]
+ALL = ["swd", "fid", "kid", "pr", "dc", "msssim", "memorization", "c2st"]
+TRAIN_SPLIT = ("memorization", "c2st")  # metrics that read the training split besides the held-out one
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +73,9 @@ def output_folder(run: Path, checkpoint: Path) -> RunFolder:
 def evaluate_run(run: Path, data: str, names: list[str], n: int, weights: str, seed: int,
                  ema: bool = True) -> tuple[dict, Path]:
     """Distribution metrics against the held-out split; the memorization audit against the training
-    split, its threshold calibrated on the held-out split when the data has one."""
+    split, its threshold calibrated on the held-out split when the data has one; the classifier
+    two-sample test trained on training slices vs half the generated ones, tested on held-out slices
+    vs the other half (halves of the held-out slices without a split)."""
     folder = resolve_checkpoint(run)
     generator = load_generator(folder, ema=ema)
     counts = list((CheckpointManager.read_state(folder).get("classes") or {}).values())
@@ -80,16 +85,21 @@ def evaluate_run(run: Path, data: str, names: list[str], n: int, weights: str, s
     real = load_real(data, split="val", size=size)
     pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]
     out_dir = output_folder(run, folder).evaluation
-    distribution = [m for m in names if m != "memorization"]
+    distribution = [m for m in names if m not in TRAIN_SPLIT]
     extractor = M.load_extractor(weights, data=data if shards.is_shard_dir(Path(data)) else None, resolution=size)
     result = M.evaluate(distribution, to_unit(real[pick]), fake, extractor=extractor, seed=seed,
                         out_dir=out_dir) if distribution else {}
-    result.update(real_floors(data, distribution, size, min(n, len(real)), seed, extractor))
-    if "memorization" in names:
-        train = load_real(data, split="train", size=size)
+    floored = distribution + (["c2st"] if "c2st" in names else [])
+    result.update(real_floors(data, floored, size, min(n, len(real)), seed, extractor))
+    if set(TRAIN_SPLIT) & set(names):
+        train = to_unit(load_real(data, split="train", size=size))
         heldout = to_unit(real) if shards.is_shard_dir(Path(data)) and len(real) else None
-        result.update(M.evaluate(["memorization"], to_unit(train), fake, heldout=heldout, seed=seed,
-                                 out_dir=out_dir))
+        if "memorization" in names:
+            result.update(M.evaluate(["memorization"], train, fake, heldout=heldout, seed=seed, out_dir=out_dir))
+        if "c2st" in names:
+            few = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 3))[:n]
+            result.update(M.evaluate(["c2st"], train[few], fake, heldout=heldout[pick] if heldout is not None
+                                     else None, seed=seed))
     return result, folder
 
 

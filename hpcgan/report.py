@@ -1,7 +1,11 @@
 """`hpcgan report`: a run on one page that opens anywhere, offline, without an MLflow server.
 
 Everything is read from the run folder through `RunFolder`: curves from the metrics log, sample grids,
-the `hpcgan evaluate` report and its memorization pairs, the data set's manifest and the saved config.
+the `hpcgan evaluate` report and its memorization pairs, the downstream utility report, the data set's
+manifest and the saved config. "Real and generated" is for judging by eye: held-out real slices beside
+the newest generated grid (as many, the same classes in the same places for a conditional run), under
+the classifier two-sample test's accuracy and its real floor, then the generated slices closest to
+training slices beside those neighbours.
 The page is one HTML file with every image embedded as a data URI, so it can be mailed, archived or
 logged as an MLflow artifact; its plots are also written as PNG files beside it. A missing piece shows
 as "not available" with the reason, never as an error.
@@ -15,6 +19,7 @@ import html
 import io
 import json
 import math
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -73,7 +78,9 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         ("Quality metrics", _quality(records, out.parent)),
         ("Throughput and restarts", _throughput(records, out.parent)),
         ("Samples", _samples(run)),
+        ("Real and generated", _by_eye(run, records, config)),
         ("Evaluation", _evaluation(run)),
+        ("Downstream utility", _utility(run)),
         ("Data", _data(config)),
         ("Config", f"<pre>{_e(yaml.safe_dump(config, sort_keys=False))}</pre>" if config
          else _missing(f"no saved config in {run.root}")),
@@ -210,17 +217,121 @@ def _evaluation(run: RunFolder) -> str:
     rows = [(key, value, report.get(f"floor/{key}", ""), report.get(f"floor_halves/{key}", ""))
             for key, value in report.items() if not key.startswith(("floor/", "floor_halves/"))]
     table = _table(["key", "value", "floor: train vs held-out", "floor: halves of train"], rows)
+    return f"<p>hpcgan evaluate, step {_e(str(report.get('step')))}.</p>{table}"
+
+
+def _read_json(path: Path) -> Record | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
+
+
+def _by_eye(run: RunFolder, records: list[Record], config: Record | None) -> str:
+    return _c2st(run, records) + _side_by_side(run, config) + _closest_pairs(run)
+
+
+def _c2st(run: RunFolder, records: list[Record]) -> str:
+    """The C2ST accuracy with its floor: `hpcgan evaluate`'s when it ran the test, else the newest in-loop one."""
+    report = _read_json(run.evaluation_report) or {}
+    if _number(report.get("c2st")) is not None:
+        value, floor, where = report["c2st"], report.get("floor/c2st"), f"hpcgan evaluate, step {report.get('step')}"
+    else:
+        logged = [r for r in records if _number(r.get("eval/c2st")) is not None]
+        floors = [r["floor/c2st"] for r in records if _number(r.get("floor/c2st")) is not None]
+        if not logged:
+            return _missing("classifier two-sample test: neither metrics.json nor the metrics log has c2st "
+                            "(hpcgan evaluate --metrics ...,c2st, or metrics.names with c2st)")
+        value, floor, where = logged[-1]["eval/c2st"], floors[-1] if floors else None, f"in-loop, step {logged[-1]['step']}"
+    beside = f" (real floor, training vs held-out slices: {floor:.3f})" if _number(floor) is not None else ""
+    return (f"<p class=\"c2st\"><b>Classifier two-sample test: {value:.3f}</b>{_e(beside)}, {_e(where)}. A small CNN "
+            "trained to tell real from generated slices, scored on slices it has not seen: 0.5 = it cannot tell "
+            "them apart, 1.0 = it always can.</p>")
+
+
+def _side_by_side(run: RunFolder, config: Record | None) -> str:
+    grids = run.sample_grid_steps()
+    if not grids:
+        return _missing(f"no sample grids in {run.samples} to compare with real slices")
+    step, path = grids[-1]
+    png = path.read_bytes()
+    try:
+        real = _image(_real_grid(config or {}, png), "real held-out slices")
+    except (DataError, ConfigError, OSError, ValueError) as err:
+        real = _missing(f"real held-out slices: {err}")
+    return ("<div class=\"grids\">"
+            f"<figure class=\"eye\">{real}<figcaption>real held-out slices</figcaption></figure>"
+            f"<figure class=\"eye\">{_image(png, f'generated slices at step {step}')}"
+            f"<figcaption>generated, newest (step {step})</figcaption></figure></div>")
+
+
+def _real_grid(config: Record, generated_png: bytes) -> bytes:
+    """Held-out real slices as a PNG grid like `generated_png` (as many tiles, the same layout); for a
+    conditional run each tile of the class the generated grid shows there."""
+    import torch
+    from PIL import Image
+
+    from hpcgan.data import load_labelled, load_real
+    from hpcgan.train.samples import grid_columns, grid_labels, save_grid
+
+    data, model = config.get("data") or {}, config.get("model") or {}
+    path, size = str(data.get("path") or ""), int(model.get("resolution") or 64)
+    if not path or not Path(path).exists():
+        raise ConfigError(f"the run's data ({path or 'no data.path'}) is not on this machine")
+    width, height = Image.open(io.BytesIO(generated_png)).size
+    cols, rows = (width - 2) // (size + 2), (height - 2) // (size + 2)
+    tiles = cols * rows if cols * rows and grid_columns(cols * rows) == cols else 64
+    order = torch.Generator().manual_seed(0)
+    if model.get("conditional") and shards.is_shard_dir(Path(path)):
+        images, labels, classes = load_labelled(path, "val", size)
+        wanted = grid_labels(tiles, len(classes))
+        pools = {c: (labels == c).nonzero()[:, 0] for c in range(len(classes))}
+        if any(len(pools[int(c)]) == 0 for c in wanted.unique()):
+            raise ValueError(f"{path}: the val split lacks a class the generated grid shows")
+        chosen = images[torch.cat([pools[int(c)][torch.randint(len(pools[int(c)]), (1,), generator=order)]
+                                   for c in wanted])]
+    else:
+        images = load_real(path, "val", size)
+        chosen = images[torch.randperm(len(images), generator=order)[:tiles]]
+    if not len(chosen):
+        raise ValueError(f"{path}: no held-out slices")
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_grid(chosen.float() / 127.5 - 1, Path(tmp) / "real.png").read_bytes()
+
+
+def _closest_pairs(run: RunFolder) -> str:
+    report = _read_json(run.evaluation_report) or {}
     pairs = report.get("memorization_pairs_png")
     pairs_png = run.evaluation / Path(pairs).name if pairs else None
     if pairs_png is None or not pairs_png.is_file():
-        audit = _missing("memorization pairs: the evaluation has no memorization audit picture "
-                         "(hpcgan evaluate --metrics ...,memorization)")
-    else:
-        audit = (f"<h3>Memorization audit: closest pairs</h3><p>Closest first; each pair is a generated slice "
-                 f"and its nearest training slice. Flagged share {_e(_fmt(report.get('memorization', '')))}, threshold "
-                 f"calibrated by {_e(str(report.get('memorization_calibration', '?')))}.</p>"
-                 + _image(pairs_png.read_bytes(), "closest generated and training pairs"))
-    return f"<p>hpcgan evaluate, step {_e(str(report.get('step')))}.</p>{table}{audit}"
+        return _missing("memorization pairs: the evaluation has no memorization audit picture "
+                        "(hpcgan evaluate --metrics ...,memorization)")
+    return (f"<h3>Memorization audit: closest pairs</h3><p>The generated slices closest to a training slice, "
+            f"closest first; each pair is a generated slice (left) and its nearest training slice (right). "
+            f"Flagged share {_e(_fmt(report.get('memorization', '')))}, threshold calibrated by "
+            f"{_e(str(report.get('memorization_calibration', '?')))}.</p>"
+            + _image(pairs_png.read_bytes(), "closest generated and training pairs"))
+
+
+def _utility(run: RunFolder) -> str:
+    path = run.utility_report
+    if not path.is_file():
+        return _missing(f"no {path.name} in {run.root}; run hpcgan evaluate --utility --run {run.root} "
+                        "(a conditional run on labelled shards)")
+    report = _read_json(path)
+    if report is None or not isinstance(report.get("arms"), dict):
+        return _missing(f"{path} is unreadable; run hpcgan evaluate --utility again")
+    scores = list(next(iter(report["arms"].values()), {}))
+    rows = [(arm, *(f"{s[name]['mean']:.3f} ± {s[name]['std']:.3f}" for name in scores))
+            for arm, s in report["arms"].items()]
+    generated = [(c, f"{s['mean']:.3f} ± {s['std']:.3f}") for c, s in (report.get("generated_class_accuracy") or {}).items()]
+    plot = _image(run.utility_plot.read_bytes(), "downstream utility per arm") if run.utility_plot.is_file() \
+        else _missing(f"no {run.utility_plot.name} beside {path.name}")
+    return (f"<p>A fixed classifier per arm, tested on held-out real slices; step {_e(str(report.get('step')))}, "
+            f"{len(report.get('seeds', []))} seeds, mean ± std.</p>"
+            + _table(["arm", *(n.replace('_', ' ') for n in scores)], rows) + plot
+            + ("<p>The real-trained classifier on generated slices, accuracy per requested class:</p>"
+               + _table(["class", "accuracy"], generated) if generated else ""))
 
 
 def _data(config: Record | None) -> str:

@@ -25,6 +25,7 @@ TINY = [
     "model.ngf=8", "model.ndf=8", "train.batch_size=8", 'train.mixed_precision="no"', "train.log_every=1",
     "train.sample_every=1000",
     "checkpoint.every=1000", "track.enabled=false", "track.log_model=false", "track.report=false",
+    "metrics.every=0",
 ]
 
 

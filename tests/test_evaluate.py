@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from hpcgan.cli import main
-from hpcgan.train.checkpoint import is_complete
+from hpcgan.train.checkpoint import CheckpointManager, is_complete
+from hpcgan.train.signals import EXIT_INTERRUPTED
 
 from helpers import make_trainer
 from test_metrics import TinyInception, save_script
@@ -38,6 +40,35 @@ def test_in_loop_metrics_are_logged_and_best_is_kept(evaluated_run):
     assert json.loads((out / "best" / "state.json").read_text())["step"] == best["step"]
     history = MlflowClient(f"sqlite:///{tmp / 'db'}").get_metric_history(trainer.state.mlflow_run_id, "eval/swd")
     assert [m.step for m in history] == [2, 4, 6]
+
+
+def eval_steps(out) -> list[int]:
+    return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/swd" in r]
+
+
+def test_last_step_evaluates_when_not_a_multiple_of_every(image_folder, tmp_path):
+    """5 steps, metrics every 2 (and a run shorter than metrics.every): the last step has its numbers too."""
+    assert make_trainer(image_folder, tmp_path / "a", "train.steps=5", "metrics.every=2", "metrics.n=24").fit() == 0
+    assert eval_steps(tmp_path / "a") == [2, 4, 5]
+    assert make_trainer(image_folder, tmp_path / "b", "train.steps=3", "metrics.every=500", "metrics.n=24").fit() == 0
+    assert eval_steps(tmp_path / "b") == [3]
+
+
+@pytest.mark.parametrize("on_interrupt", [True, False])
+def test_interrupted_run_evaluates_its_saved_step(image_folder, tmp_path, on_interrupt):
+    """A signal after step 3 (metrics every 2): step 3 is saved, then evaluated unless metrics.on_interrupt is off."""
+    out = tmp_path / "run"
+    trainer = make_trainer(image_folder, out, "train.steps=20", "metrics.every=2", "metrics.n=24",
+                           f"metrics.on_interrupt={str(on_interrupt).lower()}")
+
+    def signal_after_step_3(module, inputs, output):
+        if trainer.state.step == 3 and module.training:
+            trainer.interrupt.signum = signal.SIGUSR1  # what the installed handler does
+
+    trainer.generator.register_forward_hook(signal_after_step_3)
+    assert trainer.fit() == EXIT_INTERRUPTED
+    assert CheckpointManager(out / "checkpoints", keep=3).complete_steps()[-1] == 3
+    assert eval_steps(out) == ([2, 3] if on_interrupt else [2])
 
 
 def test_evaluate_cli_writes_metrics_json_and_logs_to_the_run(evaluated_run, image_folder, tmp_path, capsys):

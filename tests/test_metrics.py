@@ -272,6 +272,29 @@ def test_memorization_metric_without_heldout_uses_leave_one_out(tmp_path: Path) 
 # ---------------------------------------------------------------- feature networks
 
 
+@pytest.mark.slow
+def test_c2st_is_chance_on_one_distribution_and_near_one_on_degraded_slices() -> None:
+    """Two draws of one phantom distribution: ~0.5. Noise, blur or an intensity shift on the generated side: >= 0.9."""
+    from hpcgan.metrics.validation import degrade
+
+    real, fake = phantoms(300, seed=1, size=64), phantoms(300, seed=2, size=64)
+    same = M.evaluate(["c2st"], real, fake, seed=0)
+    assert abs(same["c2st"] - 0.5) <= 0.1, same
+    assert same["c2st_seconds"] > 0
+    assert M.evaluate(["c2st"], real, fake, seed=0)["c2st"] == same["c2st"]  # deterministic given the seed
+    for kind, strength in (("noise", 0.2), ("blur", 1.5), ("shift", 0.3)):
+        accuracy = M.two_sample_test(real, degrade(fake, kind, strength, seed=3), seed=0).accuracy
+        assert accuracy >= 0.9, (kind, strength, accuracy)
+
+
+def test_c2st_with_a_heldout_set_trains_on_real_and_tests_on_heldout() -> None:
+    real, heldout, fake = phantoms(200, seed=1, size=64), phantoms(100, seed=4, size=64), stripes(200, seed=2, size=64)
+    result = M.two_sample_test(real, fake, heldout, seed=0)
+    assert (result.train_size, result.test_size) == (100, 200) and result.accuracy >= 0.9
+    with pytest.raises(ValueError, match="at least 2 training slices"):
+        M.two_sample_test(real[:1], fake[:1])
+
+
 def test_fid_kid_pr_through_a_torchscript_file(inception_file: Path) -> None:
     ext = M.TorchScriptFeatures(inception_file)
     assert ext.dim == 32 and ext.name.startswith("tiny_inception-")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from data_factories import make_shards
 from helpers import make_trainer
 
 HEADINGS = ["Summary", "Losses and D outputs", "Quality metrics", "Throughput and restarts", "Samples",
-            "Evaluation", "Data", "Config"]
+            "Real and generated", "Evaluation", "Downstream utility", "Data", "Config"]
 DATA_URI = '<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"'
 
 
@@ -49,6 +50,19 @@ def browse(chromium: str, page: Path, profile: Path, *args: str) -> subprocess.C
         capture_output=True, text=True, timeout=180)
 
 
+def write_utility_report(run: RunFolder) -> None:
+    """A utility.json as `hpcgan evaluate --utility` writes it (its own test trains the classifiers), and its plot."""
+    from hpcgan.evaluate import plot_utility
+
+    arms = {arm: {score: {"mean": 0.5 + 0.1 * i, "std": 0.01, "values": [0.5 + 0.1 * i] * 3}
+                  for score in ("accuracy", "balanced_accuracy", "auc")}
+            for i, arm in enumerate(("real", "synthetic", "real+synthetic", "real+augment"))}
+    report = {"step": 6, "classes": ["axial", "coronal"], "seeds": [0, 1, 2], "steps": 300, "synthetic_ratio": 1.0,
+              "arms": arms, "generated_class_accuracy": {"axial": {"mean": 0.9, "std": 0.02, "values": [0.9] * 3}}}
+    run.utility_report.write_text(json.dumps(report))
+    plot_utility(report, run.utility_plot)
+
+
 @pytest.fixture(scope="module")
 def full_run(image_folder, tmp_path_factory):
     """A tiny run with in-loop metrics, sample grids and `hpcgan evaluate` results, and its report. The
@@ -56,8 +70,9 @@ def full_run(image_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "run"
     assert make_trainer(image_folder, out, "train.steps=6", "metrics.every=2", "metrics.n=24",
                         "train.sample_every=2").fit() == 0
-    assert main(["evaluate", "--run", str(out), "--n", "24", "--metrics", "swd,memorization"]) == 0
+    assert main(["evaluate", "--run", str(out), "--n", "24", "--metrics", "swd,memorization,c2st"]) == 0
     RunFolder(out).write_tracking("0123456789abcdef", "sqlite:///mlflow.db", "report")
+    write_utility_report(RunFolder(out))
     return write_report(out), "0123456789abcdef"
 
 
@@ -77,11 +92,22 @@ def test_report_opens_in_chromium_with_every_section(chromium, full_run, tmp_pat
     for heading in HEADINGS:
         assert f"<h2>{heading}</h2>" in dom
     images = re.findall(DATA_URI, dom)
-    assert len(images) == 7 and len(re.findall(r"<img ", dom)) == 7  # 3 plots, 3 sample grids, the pairs
+    # 3 plots, 3 sample grids, real held-out beside the newest grid, the pairs, the utility plot
+    assert len(images) == 10 and len(re.findall(r"<img ", dom)) == 10
     for data in images:
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
     assert [f"step {s}" for s in (2, 4, 6)] == re.findall(r"<figcaption>(step \d+)</figcaption>", dom)
     assert "Memorization audit: closest pairs" in dom and run_id in dom
+    eye = dom.split("<h2>Real and generated</h2>")[1].split("<h2>")[0]
+    assert re.search(r"Classifier two-sample test: [01]\.\d{3}</b> \(real floor, training vs held-out slices: "
+                     r"0\.\d{3}\)", eye), eye[:500]
+    shown = [Image.open(io.BytesIO(base64.b64decode(d))) for d in re.findall(DATA_URI, eye)]
+    assert [c for c in re.findall(r"<figcaption>([^<]*)</figcaption>", eye)] == [
+        "real held-out slices", "generated, newest (step 6)"]
+    assert len(shown) == 3 and shown[0].size == shown[1].size  # real grid as large as the generated one, the pairs
+    utility = dom.split("<h2>Downstream utility</h2>")[1].split("<h2>")[0]
+    assert "<td>real+synthetic</td><td>0.700 ± 0.010</td>" in utility and "<td>axial</td><td>0.900 ± 0.020</td>" in utility
+    assert len(re.findall(DATA_URI, utility)) == 1
     assert "floor: train vs held-out" in dom and "not a shard folder" in dom
     assert "plotted against step" not in dom  # the metrics log carries wall-clock time
 

@@ -62,15 +62,20 @@ def real_floors(path: str, names: list[str], size: int, n: int, seed: int, extra
     first, second = to_unit(train[order[:k]]), to_unit(train[order[k:2 * k]])
     pick = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(seed))[:n]
     floors = {f"floor/{key}": v for key, v in M.evaluate(names, to_unit(heldout[pick]), first, seed=seed,
-                                                        extractor=extractor).items() if isinstance(v, float)}
+                                                        extractor=extractor).items() if _floor_value(key, v)}
     floors.update({f"floor_halves/{key}": v for key, v in M.evaluate(names, first, second, seed=seed,
                                                                      extractor=extractor).items()
-                   if isinstance(v, float)})
+                   if _floor_value(key, v)})
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(floors))
     tmp.replace(cache)
     return floors
+
+
+def _floor_value(key: str, value: object) -> bool:
+    """A number worth a floor: not a string, and not a metric's cost in seconds."""
+    return isinstance(value, float) and not key.endswith("_seconds")
 
 
 def with_floors(values: dict[str, float], floors: dict[str, float]) -> str:

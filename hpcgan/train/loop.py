@@ -470,6 +470,8 @@ class Trainer:
                 continue
             if step < self.total_steps and self._should_stop():
                 return self._exit_interrupted()
+        if self.report.metrics and self.state.step % self.cfg.metrics.every:
+            self._evaluate()  # the last step always has its numbers, whatever metrics.every
         if self.save_checkpoint() is None:  # non-finite weights at the end: back, and on from there
             if not self._rollback("weights are not finite at the end"):
                 return self._give_up("weights are not finite at the end")
@@ -481,10 +483,20 @@ class Trainer:
             log.info("done: step %d, run folder %s", self.state.step, self.run.root)
         return EXIT_DONE
 
+    def _evaluate_on_interrupt(self) -> bool:
+        """After the save (so a grace period that runs out loses nothing): the last step's numbers, unless
+        they exist, `metrics.on_interrupt` is off, or an evaluation of this process took longer than
+        `metrics.on_interrupt_max_s`. Ranks agree, since every rank takes part."""
+        mcfg, cost = self.cfg.metrics, self.report.eval_s
+        return self._agree(self.report.metrics is not None and mcfg.on_interrupt and self.state.step % mcfg.every != 0
+                           and (cost is None or cost <= mcfg.on_interrupt_max_s))
+
     def _exit_interrupted(self, data: dict[str, Any] | None = None) -> int:
         """Save and report; with `data` (an aborted step's start) the trainer is left for exit only."""
         if self.save_checkpoint(data) is None and self.is_main:
             log.warning("the run resumes from its newest intact checkpoint")
+        if self._evaluate_on_interrupt():
+            self._evaluate()
         self.report.finish("KILLED")
         if self.is_main:
             log.warning("interrupted by %s %s step %d: checkpoint saved, exiting with %d (resumable)",

@@ -70,6 +70,7 @@ class Reporter:
         self.tracker: Any = None
         self.metrics: Any = None
         self._state: TrainState | None = None
+        self.eval_s: float | None = None  # what the last in-loop evaluation cost
         self.fixed_noise = torch.randn(64, cfg.model.nz, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
         classes = cfg.model.num_classes  # a conditional grid shows every class, one per row
         self.fixed_labels = grid_labels(64, classes).to(device) if classes else None
@@ -95,7 +96,7 @@ class Reporter:
                                                      self.cfg.track.system_metrics_every_s, node_id)
         if state.restarts:
             self.write(step, state.images_seen, {"restarts": state.restarts})
-        if 0 < self.cfg.metrics.every <= total:
+        if self.cfg.metrics.every > 0:  # a run shorter than metrics.every still evaluates its last step
             from hpcgan.train.evaluation import InLoopMetrics
 
             self.metrics = InLoopMetrics(self.cfg, self.device, cache_dir=self.run.cache,
@@ -156,7 +157,7 @@ class Reporter:
 
         start = time.perf_counter()
         values = self.metrics(generator)
-        seconds = time.perf_counter() - start
+        seconds = self.eval_s = time.perf_counter() - start
         self.write(step, images_seen, {**{f"eval/{k}": v for k, v in values.items()}, "eval_s": seconds})
         if self.is_main:
             log.info("eval step %d (%.1f s): %s", step, seconds, with_floors(values, self.metrics.floors))

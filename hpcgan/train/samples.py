@@ -14,9 +14,10 @@ from hpcgan.data import pixels
 
 @torch.no_grad()
 def generate(generator: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None, batch: int = 256,
-             seed: int = 0) -> torch.Tensor:
+             seed: int = 0, truncation_psi: float = 1.0) -> torch.Tensor:
     """Images from `z` (and, for a conditional generator, class `labels`) in eval mode (BatchNorm running
-    stats), in batches; the module's mode is restored.
+    stats), in batches; the module's mode is restored. `truncation_psi` < 1 pulls StyleGAN2's styles
+    toward their average (its generator's own argument; other archs have none).
 
     Generators that draw noise of their own (StyleGAN's per-layer noise) draw it from a forked RNG seeded
     with `seed`: samples are reproducible, and sampling never moves the training RNG streams.
@@ -27,7 +28,9 @@ def generate(generator: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor |
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         parts = [(z[i:i + batch], None if labels is None else labels[i:i + batch]) for i in range(0, len(z), batch)]
-        images = torch.cat([(generator(zs) if ys is None else generator(zs, ys)).float() for zs, ys in parts])
+        extra = {"truncation_psi": truncation_psi} if truncation_psi != 1.0 else {}
+        images = torch.cat([generator(zs, ys, **extra).float() if ys is not None else generator(zs, **extra).float()
+                            for zs, ys in parts])
     generator.train(was_training)
     return images
 
