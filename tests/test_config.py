@@ -65,7 +65,7 @@ def test_yaml_no_stays_a_word():
 
 
 @pytest.mark.parametrize("override, message", [
-    (["model.arch=fakearch"], "model.arch='fakearch': must be one of dcgan, stylegan2"),
+    (["model.arch=fakearch"], "model.arch='fakearch': must be one of dcgan, fastgan, stylegan2"),
     (["train.loss=wgan"], "train.loss='wgan': must be one of logistic, hinge"),
     (["data.reader=fast"], "data.reader='fast': must be one of auto, memory, webdataset, dali"),
     (["augment.ops=[flip, warp]"], "augment.ops='warp': must be one of flip, rot90"),
