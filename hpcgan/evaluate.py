@@ -208,13 +208,14 @@ def _mlflow_name(name: str) -> str:
 
 def utility_table(report: dict[str, Any]) -> str:
     """The arms as rows, each score as mean +- std over the seeds; then the conditional-generation check."""
-    header = f"{'arm':<16}" + "".join(f"{name:>22}" for name in U.SCORES)
-    rows = [f"{arm:<16}" + "".join(f"{s[name]['mean']:>14.3f} ± {s[name]['std']:.3f}" for name in U.SCORES)
+    header = f"{'arm':<30}" + "".join(f"{name:>22}" for name in U.SCORES)
+    rows = [f"{arm:<30}" + "".join(f"{s[name]['mean']:>14.3f} ± {s[name]['std']:.3f}" for name in U.SCORES)
             for arm, s in report["arms"].items()]
     generated = "  ".join(f"{c} {s['mean']:.3f} ± {s['std']:.3f}" for c, s in report["generated_class_accuracy"].items())
     return "\n".join([f"downstream utility on held-out real slices ({len(report['seeds'])} seeds, {report['steps']} "
                       "steps per classifier; mean ± std)", header, *rows,
-                      f"real classifier on generated slices, accuracy per requested class: {generated}"])
+                      f"real classifier on generated slices, accuracy per requested class: {generated}",
+                      report["best_use"]])
 
 
 def plot_utility(report: dict[str, Any], path: Path) -> Path:

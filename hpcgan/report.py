@@ -327,7 +327,8 @@ def _utility(run: RunFolder) -> str:
     generated = [(c, f"{s['mean']:.3f} ± {s['std']:.3f}") for c, s in (report.get("generated_class_accuracy") or {}).items()]
     plot = _image(run.utility_plot.read_bytes(), "downstream utility per arm") if run.utility_plot.is_file() \
         else _missing(f"no {run.utility_plot.name} beside {path.name}")
-    return (f"<p>A fixed classifier per arm, tested on held-out real slices; step {_e(str(report.get('step')))}, "
+    verdict = f"<p><strong>{_e(report['best_use'])}</strong></p>" if report.get("best_use") else ""
+    return (verdict + f"<p>A fixed classifier per arm, tested on held-out real slices; step {_e(str(report.get('step')))}, "
             f"{len(report.get('seeds', []))} seeds, mean ± std.</p>"
             + _table(["arm", *(n.replace('_', ' ') for n in scores)], rows) + plot
             + ("<p>The real-trained classifier on generated slices, accuracy per requested class:</p>"

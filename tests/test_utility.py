@@ -99,7 +99,7 @@ def test_arms_on_a_separable_problem_and_the_report_schema():
     lines: list[str] = []
     report = U.utility_test(train, test, fake, ("top", "centre", "bottom"), seeds=(0, 1, 2), ratio=2.0,
                             settings=FAST, progress=lines.append)
-    assert len(lines) == 12
+    assert len(lines) == 3 * len(U.ARMS)
     assert json.loads(json.dumps(report, allow_nan=False)) == report
     assert list(report["arms"]) == list(U.ARMS)
     for arm, by_score in report["arms"].items():
@@ -113,15 +113,37 @@ def test_arms_on_a_separable_problem_and_the_report_schema():
     assert report["counts"] == {"train": {"top": 12, "centre": 12, "bottom": 12},
                                 "test": {"top": 6, "centre": 6, "bottom": 6},
                                 "synthetic": {"top": 12, "centre": 12, "bottom": 12},
-                                "real+synthetic": {"real": 36, "synthetic": 72}}
+                                "real+synthetic": {"real": 36, "synthetic": 72}, "pretrain-synthetic": 72}
     assert report["seeds"] == [0, 1, 2] and report["steps"] == 60 and report["synthetic_ratio"] == 2.0
     assert report["classes"] == ["top", "centre", "bottom"] and "AdamW" in report["classifier"]
     generated = report["generated_class_accuracy"]
     assert list(generated) == ["top", "centre", "bottom"] and all(g["mean"] >= 0.9 for g in generated.values())
+    assert report["shares"] == [0.25, 0.5, 1.0, 2.0] and report["best_use"] == U.best_use(report["arms"])
+
+
+def test_best_use_names_the_arm_that_beat_the_control_or_says_none_did():
+    def arms(**accuracy):
+        return {arm: {"accuracy": {"mean": value, "std": 0.01}} for arm, value in accuracy.items()}
+
+    helped = U.best_use(arms(**{"real": 0.8, "synthetic": 0.99, "real+augment": 0.9, "real+synthetic": 0.85,
+                                "pretrain-synthetic": 0.93}))
+    assert helped.startswith("The synthetic slices helped most as pretrain-synthetic") and "+0.030" in helped
+    none = U.best_use(arms(**{"real+augment": 0.9, "real+synthetic": 0.85, "real+augment+synthetic x1": 0.88}))
+    assert none.startswith("No way of using the synthetic slices beat real+augment") and "real+augment+synthetic x1" in none
+
+
+def test_fine_tuning_starts_from_the_pretrained_weights():
+    train = squares(8, seed=0)
+    pretrained = U.train_classifier(*train, 3, seed=0, settings=FAST)
+    frozen = U.ClassifierSettings(steps=1, batch_size=8, lr=1e-12, weight_decay=0.0)
+    tuned = U.train_classifier(*train, 3, seed=5, settings=frozen, start=pretrained)
+    fresh = U.train_classifier(*train, 3, seed=5, settings=frozen)
+    assert torch.allclose(tuned.head.weight, pretrained.head.weight)
+    assert not torch.allclose(fresh.head.weight, pretrained.head.weight)
 
 
 def test_slices_of_the_wrong_class_are_caught():
-    train, test, (images, labels) = squares(12, seed=0), squares(6, seed=1), squares(12, seed=2)
+    train, test, (images, labels) = squares(12, seed=0), squares(6, seed=1), squares(24, seed=2)
     report = U.utility_test(train, test, (images, (labels + 1) % 3), ("top", "centre", "bottom"), seeds=(0,),
                             settings=FAST)
     assert all(g["mean"] <= 0.1 for g in report["generated_class_accuracy"].values())
@@ -156,11 +178,14 @@ def test_a_conditional_run_gets_its_utility_report(labelled, tmp_path, capsys):
     printed = capsys.readouterr()
     assert code == 0, printed.err
     report = json.loads((out / "utility.json").read_text())
-    assert list(report["arms"]) == ["real", "synthetic", "real+synthetic", "real+augment"]
+    assert list(report["arms"]) == ["real", "synthetic", "real+synthetic", "real+augment",
+                                    "real+augment+synthetic x0.25", "real+augment+synthetic x0.5",
+                                    "real+augment+synthetic x1", "real+augment+synthetic x2", "pretrain-synthetic"]
     assert all(set(s) == {"accuracy", "balanced_accuracy", "auc"} for s in report["arms"].values())
     assert report["step"] == 2 and report["seeds"] == [0, 1, 2] and report["steps"] == 8
     assert report["counts"]["real+synthetic"] == {"real": 24, "synthetic": 12}
     assert report["counts"]["synthetic"] == {"top": 8, "centre": 8, "bottom": 8}
+    assert report["counts"]["pretrain-synthetic"] == 48 and report["best_use"] in printed.out
     assert list(report["generated_class_accuracy"]) == ["top", "centre", "bottom"]
     assert (out / "utility.png").read_bytes().startswith(b"\x89PNG")
     assert "real+augment" in printed.out and "real classifier on generated slices" in printed.out

@@ -8,7 +8,14 @@ every arm, and tests it on held-out real slices:
 * `synthetic`       generated slices only, as many per class as the real training split has;
 * `real+synthetic`  the real slices plus `ratio` times as many generated ones (per class);
 * `real+augment`    the real slices with classic augmentation (pose and intensity), the control that
-                    synthetic data must beat to be worth generating.
+                    synthetic data must beat to be worth generating;
+* `real+augment+synthetic xS`  what a researcher would do: the real slices plus S times as many
+                    generated ones (per class), all augmented, for each share S in `SHARES`;
+* `pretrain-synthetic`  pretrained on every generated slice, then fine-tuned on the real ones (both
+                    phases augmented, `steps` steps each, the fine-tuning from the pretrained weights).
+
+`best_use` names, in one sentence, the way of using the synthetic slices that helped most, measured
+against `real+augment`.
 
 Classifier: four blocks of (3x3 conv stride 2, BatchNorm, ReLU) with 16-32-64-128 channels, global
 average pool, linear layer. Inputs are single-channel slices in [-1, 1] at 64 px (larger slices are
@@ -37,7 +44,10 @@ from torch import nn
 from hpcgan.data.pixels import to_unit
 from hpcgan.metrics.encoder import EncoderSettings, augment as pose_augment
 
-ARMS = ("real", "synthetic", "real+synthetic", "real+augment")
+SHARES = (0.25, 0.5, 1.0, 2.0)  # synthetic slices per real one in the real+augment+synthetic arms
+ARMS = ("real", "synthetic", "real+synthetic", "real+augment", *(f"real+augment+synthetic x{s:g}" for s in SHARES),
+        "pretrain-synthetic")
+CONTROL = "real+augment"  # what synthetic data must beat
 SCORES = ("accuracy", "balanced_accuracy", "auc")
 # Classic augmentation of the control arm: the offline encoder's pose draws (rotation +-8 deg, zoom +-8 %,
 # translation +-5 % of the side, left-right flip), then a contrast gain and a gamma, which keep black black.
@@ -101,14 +111,18 @@ def classic_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, seed: int,
-                     settings: ClassifierSettings = ClassifierSettings(), augment: bool = False) -> Classifier:
-    """The classifier trained on `images` (see the module docstring), in eval mode."""
+                     settings: ClassifierSettings = ClassifierSettings(), augment: bool = False,
+                     start: Classifier | None = None) -> Classifier:
+    """The classifier trained on `images` (see the module docstring), in eval mode; from a copy of
+    `start`'s weights (fine-tuning) instead of the seed's initialisation when given."""
     x, y = as_input(images, settings.resolution), labels.long()
     if len(x) < 2:
         raise ValueError(f"a classifier needs at least 2 training slices, got {len(x)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Classifier(settings.width, num_classes).to(memory_format=torch.channels_last)
+    if start is not None:
+        model.load_state_dict(start.state_dict())
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     warmup = max(1, settings.steps // 20)
@@ -202,8 +216,25 @@ def take_per_class(labels: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
 
 def synthetic_counts(train_counts: Sequence[int], ratio: float) -> list[int]:
     """Generated slices per class that `utility_test` needs: enough for the `synthetic` arm (as many as
-    the real training split) and for `real+synthetic` (`ratio` times as many)."""
-    return [max(n, round(ratio * n)) for n in train_counts]
+    the real training split), for `real+synthetic` (`ratio` times as many) and for the largest share."""
+    return [max(n, round(max(ratio, *SHARES) * n)) for n in train_counts]
+
+
+def best_use(arms: dict[str, dict[str, Any]]) -> str:
+    """One sentence: which arm that uses synthetic slices reached the highest held-out accuracy, against
+    the `real+augment` control (means over the seeds, with their std)."""
+    def text(arm: str) -> str:
+        spread = arms[arm]["accuracy"]
+        return f"{spread['mean']:.3f} ± {spread['std']:.3f}"
+
+    users = [arm for arm in arms if "synthetic" in arm and arm != "synthetic"]
+    best = max(users, key=lambda arm: arms[arm]["accuracy"]["mean"])
+    gain = arms[best]["accuracy"]["mean"] - arms[CONTROL]["accuracy"]["mean"]
+    if gain > 0:
+        return (f"The synthetic slices helped most as {best}: held-out accuracy {text(best)} against {text(CONTROL)} "
+                f"for {CONTROL} alone ({gain:+.3f}).")
+    return (f"No way of using the synthetic slices beat {CONTROL} ({text(CONTROL)}); the best was {best} "
+            f"({text(best)}, {gain:+.3f}).")
 
 
 def utility_test(train: Labelled, test: Labelled, synthetic: Labelled, classes: Sequence[str], *,
@@ -223,13 +254,21 @@ def utility_test(train: Labelled, test: Labelled, synthetic: Labelled, classes: 
     train_counts = class_counts(train[1], k)
     fake_only = take_per_class(synthetic[1], train_counts)
     fake_extra = take_per_class(synthetic[1], [round(ratio * n) for n in train_counts])
+    pretrain = take_per_class(synthetic[1], synthetic_counts(train_counts, ratio))
+
+    def with_real(picks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.cat([as_input(train[0], settings.resolution), as_input(synthetic[0][picks], settings.resolution)]),
+                torch.cat([train[1], synthetic[1][picks]]))
+
     sets = {
         "real": (train[0], train[1], False),
         "synthetic": (synthetic[0][fake_only], synthetic[1][fake_only], False),
-        "real+synthetic": (torch.cat([as_input(train[0], settings.resolution),
-                                      as_input(synthetic[0][fake_extra], settings.resolution)]),
-                           torch.cat([train[1], synthetic[1][fake_extra]]), False),
+        "real+synthetic": (*with_real(fake_extra), False),
         "real+augment": (train[0], train[1], True),
+        **{f"real+augment+synthetic x{share:g}":
+           (*with_real(take_per_class(synthetic[1], [round(share * n) for n in train_counts])), True)
+           for share in SHARES},
+        "pretrain-synthetic": (train[0], train[1], True),
     }
     test_x = as_input(test[0], settings.resolution)
     values: dict[str, dict[str, list[float]]] = {arm: {s: [] for s in SCORES} for arm in ARMS}
@@ -237,7 +276,9 @@ def utility_test(train: Labelled, test: Labelled, synthetic: Labelled, classes: 
     generated: dict[int, list[float]] = {c: [] for c in range(k) if train_counts[c]}
     for seed in seeds:
         for arm, (images, labels, augment) in sets.items():
-            model = train_classifier(images, labels, k, seed=seed, settings=settings, augment=augment)
+            start = train_classifier(synthetic[0][pretrain], synthetic[1][pretrain], k, seed=seed, settings=settings,
+                                     augment=True) if arm == "pretrain-synthetic" else None
+            model = train_classifier(images, labels, k, seed=seed, settings=settings, augment=augment, start=start)
             result = scores(test[1], predict(model, test_x, settings.resolution))
             for name, value in result.items():
                 values[arm][name].append(value)
@@ -247,12 +288,16 @@ def utility_test(train: Labelled, test: Labelled, synthetic: Labelled, classes: 
                     found.append(float(hits[fake_y == c].double().mean()))
             if progress is not None:
                 progress(f"seed {seed}  {arm:<15} " + "  ".join(f"{n} {v:.3f}" for n, v in result.items()))
+    arms = {arm: {name: spread(v) for name, v in by_score.items()} for arm, by_score in values.items()}
     return {
         "classes": list(classes), "seeds": list(seeds), "steps": settings.steps, "synthetic_ratio": ratio,
+        "shares": list(SHARES),
         "classifier": settings.describe(), "settings": asdict(settings),
         "counts": {"train": dict(zip(classes, train_counts)), "test": dict(zip(classes, class_counts(test[1], k))),
                    "synthetic": dict(zip(classes, class_counts(fake_y, k))),
-                   "real+synthetic": {"real": len(train[1]), "synthetic": len(fake_extra)}},
-        "arms": {arm: {name: spread(v) for name, v in by_score.items()} for arm, by_score in values.items()},
+                   "real+synthetic": {"real": len(train[1]), "synthetic": len(fake_extra)},
+                   "pretrain-synthetic": len(pretrain)},
+        "arms": arms,
+        "best_use": best_use(arms),
         "generated_class_accuracy": {classes[c]: spread(v) for c, v in generated.items()},
     }
