@@ -76,6 +76,8 @@ def arrive(timeout_s: float) -> None:
                               f"the cross-rank check within train.dist_timeout_s={timeout_s:g} s: see that rank's "
                               "log (hung, crashed or stalled on I/O); raise train.dist_timeout_s if it is only "
                               "slow") from None
+        if rank == 0:  # a peer's connection closed: it died before the check
+            raise PeerTimeout("rank 0: a peer left before the cross-rank check: see the other ranks' logs") from None
         raise PeerTimeout(f"rank {rank}: rank 0 left or did not complete the cross-rank check within "
                           f"train.dist_timeout_s={timeout_s:g} s: see rank 0's log") from None
 
