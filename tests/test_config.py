@@ -144,4 +144,5 @@ def test_documented_choices_match_the_registries():
     assert ops == set(choices["augment.ops"])
     names = re.findall(r"`([^`]+)`", rows["metrics.names"][2].split("names:")[1])
     assert set(names) == set(choices["metrics.names"])
-    assert set(re.findall(r'"(\w+)"', re.search(r"Registered names: (.*?)\.", hpcgan.metrics.__doc__).group(1))) == set(choices["metrics.names"])
+    registered = re.search(r"Registered names: (.*?)\.", hpcgan.metrics.__doc__).group(1)
+    assert set(re.findall(r'"(\w+)"', registered)) == set(choices["metrics.names"])

@@ -19,7 +19,8 @@ from hpcgan.data.images import folder_labels, load_images
 from hpcgan.data.memory import MemoryReader
 from hpcgan.data.reader import Batch, Reader, DataError
 
-__all__ = ["SHARD_READERS", "Batch", "Reader", "DataError", "build_reader", "choose_reader", "dali_available", "load_images",
+__all__ = ["SHARD_READERS", "Batch", "Reader", "DataError", "build_reader", "choose_reader", "dali_available",
+           "load_images",
            "load_labelled", "load_split"]
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,8 @@ from hpcgan.metrics.validation import Disturbance, copy_audit, disturbance_curve
 __all__ = [
     "AuditResult", "C2STResult", "ClassifierSettings", "Disturbance", "EncoderSettings", "FeatureExtractor",
     "FeatureWeightsError", "MetricContext", "PixelProjection", "RealStats", "RealStatsCache", "SSLFeatures",
-    "TorchScriptFeatures", "WEIGHTS_ENV", "available", "balanced_accuracy", "best_names", "c2st", "compute_real_stats", "copy_audit",
+    "TorchScriptFeatures", "WEIGHTS_ENV", "available", "balanced_accuracy", "best_names", "c2st",
+    "compute_real_stats", "copy_audit",
     "data_fingerprint", "default_cache_dir", "density_coverage", "disturbance_curves", "encoder_path", "evaluate",
     "evaluate_distributed", "extract", "feature_stats", "fid_from_features", "find_encoder", "frechet_distance",
     "gather_to_main", "get", "kid_from_features", "kid_subsets", "knn_radii", "laplacian_pyramid", "load_extractor",

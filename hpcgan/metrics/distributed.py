@@ -2,8 +2,8 @@
 
 Each rank generates and featurises a contiguous share of the items (`shard`), the shares are
 gathered in rank order to rank 0 only, and rank 0 computes the metrics on the reassembled sets (and
-the real statistics, once) and broadcasts the result. Only the expensive, embarrassingly parallel part (generation, feature network) is
-split; the metric arithmetic sees the same inputs in the same order as a single process, so the
+the real statistics, once) and broadcasts the result. Only the expensive, embarrassingly parallel
+part (generation, feature network) is split; the metric arithmetic sees the same inputs in the same order as a single process, so the
 values agree to float rounding of the feature network. For that, draw latents for the global set
 and slice them: `z = torch.randn(n, nz, generator=torch.Generator().manual_seed(seed))[shard(n)]`.
 

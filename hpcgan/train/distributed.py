@@ -72,9 +72,12 @@ def arrive(timeout_s: float) -> None:
         late = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
         if rank == 0 and late:
             who = late.group(1).strip(", ")
-            raise PeerTimeout(f"rank{'s' if ',' in who else ''} {who} of {dist.get_world_size()} did not reach the "
-                              f"cross-rank check within train.dist_timeout_s={timeout_s:g} s: see that rank's log "
-                              "(hung, crashed or stalled on I/O); raise train.dist_timeout_s if it is only slow") from None
+            raise PeerTimeout(f"rank{'s' if ',' in who else ''} {who} of {dist.get_world_size()} did not reach "
+                              f"the cross-rank check within train.dist_timeout_s={timeout_s:g} s: see that rank's "
+                              "log (hung, crashed or stalled on I/O); raise train.dist_timeout_s if it is only "
+                              "slow") from None
+        if rank == 0:  # a peer's connection closed: it died before the check
+            raise PeerTimeout("rank 0: a peer left before the cross-rank check: see the other ranks' logs") from None
         raise PeerTimeout(f"rank {rank}: rank 0 left or did not complete the cross-rank check within "
                           f"train.dist_timeout_s={timeout_s:g} s: see rank 0's log") from None
 
