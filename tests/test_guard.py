@@ -159,3 +159,18 @@ def test_guard_off_and_on_train_bit_identical_weights(image_folder, tmp_path):
     for guard in ("true", "false"):
         assert make_trainer(image_folder, tmp_path / guard, "train.steps=5", f"train.guard={guard}").fit() == 0
     assert_identical(final_weights(tmp_path / "true"), final_weights(tmp_path / "false"))
+
+
+def test_rollback_and_bad_steps_reach_mlflow(image_folder, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trainer = make_trainer(image_folder, tmp_path / "run", "train.steps=3", "train.inject_nan_step=2",
+                           "train.max_bad_steps=1", "track.enabled=true", f"track.uri={uri}", "track.experiment=g",
+                           "track.flush_every_s=0.2", "track.system_metrics_every_s=0")
+    assert trainer.fit() == 0 and trainer.state.rollbacks == 1  # back to the initial state: no checkpoint yet
+    client = MlflowClient(uri)
+    run = client.get_run(trainer.state.mlflow_run_id)
+    assert run.data.tags["hpcgan.rollbacks"] == "1"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "rollbacks")] == [1.0]
+    assert sum(m.value for m in client.get_metric_history(run.info.run_id, "bad_steps")) == 1.0

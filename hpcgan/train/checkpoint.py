@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import torch
 
@@ -265,7 +265,7 @@ def load_torch(path: Path) -> Any:
 
 
 # A checkpoint folder, or a checkpoint held in memory ({file name: serialised bytes}, from `snapshot`).
-Source = Union[Path, dict[str, Any]]
+Source = Path | dict[str, Any]
 
 # How a per-rank part continues from a checkpoint written by another number of processes: called with the part
 # and the resume's context (hpcgan.train.distributed.NewWorld), it sets the part's state and says what it did.

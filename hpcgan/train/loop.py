@@ -154,7 +154,7 @@ class Trainer:
         self.state.lr_factor *= tcfg.rollback_lr_factor
         self._apply_lr_factor()
         self.reader.load_state_dict(position)
-        seed_everything(resume_seed(self.cfg.seed, self.rank, self.state.rollbacks, "rollback"))
+        seed_everything(resume_seed(self.cfg.seed, self.rank, self.state.step, f"rollback {self.state.rollbacks}"))
         self.ckpt.discard_after(self.state.step)
         self.guard.reset(self.state.step)
         rollbacks, step = self.state.rollbacks, self.state.step
