@@ -292,9 +292,10 @@ def _real_grid(config: Record, generated_png: bytes) -> bytes:
                                    for c in wanted])]
     else:
         images = load_real(path, "val", size)
-        chosen = images[torch.randperm(len(images), generator=order)[:tiles]]
-    if not len(chosen):
-        raise ValueError(f"{path}: no held-out slices")
+        if not len(images):
+            raise ValueError(f"{path}: no held-out slices")
+        shuffled = torch.randperm(len(images), generator=order)
+        chosen = images[shuffled.repeat(-(-tiles // len(images)))[:tiles]]  # repeats only when fewer than tiles
     with tempfile.TemporaryDirectory() as tmp:
         return save_grid(chosen.float() / 127.5 - 1, Path(tmp) / "real.png").read_bytes()
 

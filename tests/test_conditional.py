@@ -242,3 +242,16 @@ def test_tracked_conditional_run_evaluates_as_in_data_and_logs_a_two_input_gener
     (logged,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     generator = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
     assert generator(torch.randn(3, 100), torch.tensor([0, 1, 2])).shape == (3, 1, 64, 64)
+
+
+def test_d_filter_keeps_each_class_count_and_class_check_needs_labelled_shards(conditional_run, tmp_path, capsys):
+    out = tmp_path / "filtered"
+    assert main(["sample", "--run", str(conditional_run), "--n", "9", "--class", "0", "--class", "sagittal",
+                 "--filter-d-quantile", "0.5", "--out", str(out)]) == 0
+    card = json.loads((out / "datacard.json").read_text())
+    assert card["classes"] == {"axial": 5, "sagittal": 4}
+    assert card["selection"]["discriminator"]["candidates"] == 18 and card["selection"]["discriminator"]["kept"] == 9
+    assert main(["sample", "--run", str(conditional_run), "--n", "3", "--class-check", "0.5",
+                 "--out", str(tmp_path / "checked")]) == 2
+    err = capsys.readouterr().err
+    assert "not a shard folder; --class-check trains a classifier on labelled shards" in err and "\n" not in err.strip()

@@ -75,7 +75,7 @@ def test_evaluate_cli_writes_metrics_json_and_logs_to_the_run(evaluated_run, ima
     trainer, out, tmp = evaluated_run
     weights = save_script(TinyInception, tmp_path / "inception.pt")
     code = main(["evaluate", "--run", str(out), "--data", str(image_folder), "--n", "24",
-                 "--metrics", "swd,fid,kid,pr,msssim,memorization", "--inception-weights", str(weights)])
+                 "--metrics", "swd,fid,kid,pr,msssim,memorization,c2st", "--inception-weights", str(weights)])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "metrics.json").read_text())
     assert report["step"] == 6 and report["fid"] > 0 and "kid" in report
@@ -84,6 +84,9 @@ def test_evaluate_cli_writes_metrics_json_and_logs_to_the_run(evaluated_run, ima
     assert (out / "evaluation").is_dir()
     run = MlflowClient(f"sqlite:///{tmp / 'db'}").get_run(trainer.state.mlflow_run_id)
     assert run.data.metrics["eval/fid"] == pytest.approx(report["fid"])
+    assert 0 <= report["c2st"] <= 1 and 0 <= report["floor/c2st"] <= 1 and report["c2st_seconds"] > 0
+    assert run.data.metrics["eval/c2st"] == pytest.approx(report["c2st"])
+    assert "floor/c2st_seconds" not in report  # a cost has no floor
 
 
 def test_evaluate_without_weights_skips_fid_with_a_reason(evaluated_run, image_folder, capsys, monkeypatch):

@@ -150,3 +150,20 @@ def test_selection_options_fail_in_one_line(trained, tmp_path, capsys):
     assert "--truncation: a dcgan generator has no style space" in err and "Traceback" not in err
     assert main(["sample", "--run", str(trained), "--out", str(tmp_path / "y"), "--class-check", "0.8"]) == 2
     assert "the run is unconditional" in capsys.readouterr().err
+
+
+def test_class_check_of_a_conditional_run_on_labelled_shards_is_recorded(tmp_path):
+    from data_factories import make_shards
+
+    make_shards(tmp_path / "shards", n_train=24, n_val=9, sizes=(64,), classes=("a", "b", "c"))
+    run = tmp_path / "run"
+    # balanced: the factory's manifest has no class counts, which class_balance=data would follow
+    assert make_trainer(tmp_path / "shards", run, "model.conditional=true", "train.class_balance=balanced",
+                        "train.steps=2").fit() == 0
+    out = tmp_path / "checked"
+    assert main(["sample", "--run", str(run), "--n", "6", "--class-check", "0.2", "--out", str(out)]) == 0
+    card = json.loads((out / "datacard.json").read_text())
+    check = card["selection"]["class_check"]
+    assert check["threshold"] == 0.2 and check["dropped"] >= 0 and 0 <= check["heldout_accuracy"] <= 1
+    assert "4 x (conv3x3 stride 2" in check["classifier"] and card["count"] <= 6
+    assert "gave a probability below 0.2 dropped and redrawn" in (out / "DATACARD.md").read_text()

@@ -345,7 +345,7 @@ def test_bad_weights_give_a_one_line_error_naming_the_file(tmp_path: Path) -> No
 
 
 def test_unknown_metric_fails_before_any_work() -> None:
-    with pytest.raises(KeyError, match="available: dc, fid, kid, memorization, msssim, pr, swd"):
+    with pytest.raises(KeyError, match="available: c2st, dc, fid, kid, memorization, msssim, pr, swd"):
         M.evaluate(["swd", "fdi"], phantoms(4, seed=0), phantoms(4, seed=1))
 
 

@@ -165,7 +165,8 @@ def test_a_bare_metrics_log_gives_a_page_of_not_available_lines(tmp_path):
     page = write_report(run.root)
     text = page.read_text()
     assert [h for h in HEADINGS if f"<h2>{h}</h2>" in text] == HEADINGS
-    assert text.count('<p class="na">not available: ') == len(HEADINGS) - 1  # every section but the summary
+    # every section but the summary; "Real and generated" once for each of its three parts
+    assert text.count('<p class="na">not available: ') == len(HEADINGS) - 1 + 2
     assert "data:image" not in text and not list(page.parent.glob("*.png"))
 
 
@@ -177,3 +178,25 @@ def test_a_missing_run_folder_or_metrics_log_is_a_one_line_error(tmp_path, capsy
     assert main(["report", "--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"{tmp_path}: no metrics log (metrics.jsonl)" in err
+
+
+def test_real_grid_of_a_conditional_run_has_the_generated_grids_classes_in_place(tmp_path):
+    """Each tile of the real grid shows a held-out slice of the class the generated grid has in that place."""
+    import numpy as np
+    import torch
+
+    from hpcgan.data import load_labelled
+    from hpcgan.report import _real_grid
+    from hpcgan.train.samples import grid_labels, save_grid
+
+    make_shards(tmp_path / "shards", n_train=12, n_val=30, sizes=(64,), classes=("a", "b", "c"))
+    generated = save_grid(torch.zeros(64, 1, 64, 64), tmp_path / "grid.png").read_bytes()
+    config = {"data": {"path": str(tmp_path / "shards")}, "model": {"resolution": 64, "conditional": 3}}
+    grid = np.asarray(Image.open(io.BytesIO(_real_grid(config, generated))))
+    assert grid.shape == Image.open(io.BytesIO(generated)).size[::-1]
+    images, labels, _ = load_labelled(tmp_path / "shards", "val", 64)
+    for i, wanted in enumerate(grid_labels(64, 3).tolist()):
+        r, c = divmod(i, 8)
+        tile = torch.from_numpy(grid[2 + r * 66:2 + r * 66 + 64, 2 + c * 66:2 + c * 66 + 64].copy())
+        match = (images[:, 0] == tile).flatten(1).all(dim=1).nonzero()[:, 0]
+        assert len(match) and int(labels[match[0]]) == wanted, i

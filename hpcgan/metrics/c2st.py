@@ -26,7 +26,7 @@ import torch
 from hpcgan.metrics.registry import MetricContext, Result, register
 from hpcgan.metrics.utility import ClassifierSettings, as_input, balanced_accuracy, predict, train_classifier
 
-C2ST_STEPS = 200  # ~3 s on 2 CPU cores at 64 px; enough to reach ~1.0 on noisy or blurred slices
+C2ST_STEPS = 200  # 6-10 CPU seconds at 64 px; enough to reach ~1.0 on noisy or blurred slices
 
 
 @dataclass(frozen=True)

@@ -488,8 +488,9 @@ class Trainer:
         they exist, `metrics.on_interrupt` is off, or an evaluation of this process took longer than
         `metrics.on_interrupt_max_s`. Ranks agree, since every rank takes part."""
         mcfg, cost = self.cfg.metrics, self.report.eval_s
-        return self._agree(self.report.metrics is not None and mcfg.on_interrupt and self.state.step % mcfg.every != 0
-                           and (cost is None or cost <= mcfg.on_interrupt_max_s))
+        if self.report.metrics is None or not mcfg.on_interrupt or self.state.step % mcfg.every == 0:
+            return False  # the same on every rank: no need to agree
+        return self._agree(cost is None or cost <= mcfg.on_interrupt_max_s)
 
     def _exit_interrupted(self, data: dict[str, Any] | None = None) -> int:
         """Save and report; with `data` (an aborted step's start) the trainer is left for exit only."""
