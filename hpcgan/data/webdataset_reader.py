@@ -23,7 +23,9 @@ batches already served.
 
 from __future__ import annotations
 
+import atexit
 import signal
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,9 +68,20 @@ def _first_line(exn: BaseException) -> str:
 def _leave_signals_to_the_trainer(worker_id: int) -> None:
     """A scheduler signals the whole process group (preemption, scancel, time limit): a worker that died
     of it would fail the trainer's next batch before the trainer could checkpoint. Workers ignore the
-    signals the trainer saves on; they end with the trainer's iterator, or with its process."""
+    signals the trainer saves on; they end with the trainer's iterator (see `_stop_workers_at_exit`)."""
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers_at_exit() -> None:
+    """Shut the live readers' workers down before multiprocessing's own exit hook (registered earlier, so
+    run later), which would SIGTERM them, now ignored, and wait for them forever."""
+    for reader in list(_LIVE):
+        reader._iter = None
 
 
 class _EpochStream(IterableDataset):
@@ -201,6 +214,7 @@ class WebDatasetReader:
                                   pin_memory=self.device.type == "cuda", generator=torch.Generator(),
                                   worker_init_fn=_leave_signals_to_the_trainer)
         self._iter: Iterator[tuple[int, torch.Tensor, torch.Tensor] | str] | None = None
+        _LIVE.add(self)
         self.epoch, self.batch = 0, 0
         self._flips: torch.Tensor | None = None
 
