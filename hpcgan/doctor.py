@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcgan.config import Config, resolve_tracking_uri
+from hpcgan.config import Config, ConfigError, resolve_tracking_uri
 from hpcgan.train.deadline import format_duration, job_end_time, parse_time_left
 
 # File systems that SQLite's locking cannot trust across hosts.
@@ -489,6 +489,8 @@ def all_checks(cfg: Config, out: Path, opts: argparse.Namespace) -> list[Check]:
     env = dict(os.environ)
     world = launched_world(env)
     limit = parse_time_left(opts.time) if opts.time else None
+    if opts.time and limit is None and opts.time.strip().upper() != "UNLIMITED":
+        raise ConfigError(f"--time {opts.time!r}: use minutes, MM:SS, HH:MM:SS or D-HH:MM:SS")
     if limit is None and not opts.time:
         end = job_end_time(env)
         limit = None if end is None else end - time.time()
