@@ -28,7 +28,8 @@ GPU = ["train.batch_size=16", "data.device_resident=true"]
 @pytest.fixture(scope="session")
 def folders(tmp_path_factory) -> dict[int, Path]:
     root = tmp_path_factory.mktemp("gpu-data")
-    return {res: write_image_folder(root / f"slices-{res}", n=256, size=res) for res in (64, 128, 256)}  # > one batch of 128
+    # more images than one batch of 128 (the throughput test)
+    return {res: write_image_folder(root / f"slices-{res}", n=256, size=res) for res in (64, 128, 256)}
 
 
 def train(data: Path, out: Path, steps: int, *sets: str):
