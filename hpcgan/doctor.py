@@ -529,7 +529,7 @@ def run(args: argparse.Namespace) -> int:
     from hpcgan.train.run_folder import RunFolder
 
     out = Path(args.out or ".").absolute()
-    base = RunFolder(out).saved_config() if args.out and (out / "config.yaml").is_file() else None
+    base = RunFolder(out).saved_config() if args.out else None  # a run folder's own config, as train resumes it
     cfg = build_config(base=base, files=args.config, overrides=args.overrides)
     if args.partition is None:
         args.partition = os.environ.get("SLURM_JOB_PARTITION")
