@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcgan.config import Config, resolve_tracking_uri
+from hpcgan.config import Config, ConfigError, resolve_tracking_uri
 from hpcgan.train.deadline import format_duration, job_end_time, parse_time_left
 
 # File systems that SQLite's locking cannot trust across hosts.
@@ -87,16 +87,15 @@ def check_devices(env: dict[str, str]) -> Check:
     if hardware and seen == 0:
         return Check("devices", "fail", f"{have}, but {hardware} are allocated/installed",
                      "torch cannot reach the driver: check `nvidia-smi`, the CUDA module and CUDA_VISIBLE_DEVICES")
-    local_rank = int(env.get("LOCAL_RANK") or env.get("SLURM_LOCALID") or 0)
-    if seen and local_rank >= seen:
-        return Check("devices", "fail", f"{have}, but this is local rank {local_rank}: each task was bound to its "
-                     "own GPU, so every process would take cuda:0's place and cuda:LOCAL_RANK does not exist",
-                     "let every task see all of the node's GPUs (no --gpu-bind, no per-task CUDA_VISIBLE_DEVICES); "
-                     "hpcgan picks cuda:LOCAL_RANK")
+    from hpcgan.train.devices import choose_cuda_device
+
+    choice = choose_cuda_device(env, seen)
+    if choice.shared:
+        return Check("devices", "warn", f"{have}; {choice.why}",
+                     "request one GPU per task (--gpus-per-node equal to the tasks per node)")
     if expected is not None and seen != expected:
         return Check("devices", "warn", f"{have}; the job was given {expected}",
-                     "request --gpus-per-node to match tasks, and let srun bind one GPU per task "
-                     "(hpcgan picks cuda:LOCAL_RANK)")
+                     f"request --gpus-per-node to match tasks (this process trains on {choice.why})")
     if seen:
         names = sorted({torch.cuda.get_device_name(i) for i in range(seen)})
         return Check("devices", "ok", f"{have}: {', '.join(names)}")
@@ -210,7 +209,9 @@ def join_ranks(timeout_s: float) -> Check:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     device = torch.device("cpu")
     if backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        from hpcgan.train.devices import choose_cuda_device
+
+        device = torch.device("cuda", choose_cuda_device(os.environ, torch.cuda.device_count()).index)
         torch.cuda.set_device(device)
     where = f"{backend} across {world} ranks (MASTER_ADDR {os.environ.get('MASTER_ADDR')}:" \
             f"{os.environ.get('MASTER_PORT')})"
@@ -315,11 +316,13 @@ def check_disk(out: Path, cfg: Config) -> Check:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return ""
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
 
 
 def fs_type(path: Path) -> str:
@@ -489,6 +492,8 @@ def all_checks(cfg: Config, out: Path, opts: argparse.Namespace) -> list[Check]:
     env = dict(os.environ)
     world = launched_world(env)
     limit = parse_time_left(opts.time) if opts.time else None
+    if opts.time and limit is None and opts.time.strip().upper() != "UNLIMITED":
+        raise ConfigError(f"--time {opts.time!r}: use minutes, MM:SS, HH:MM:SS or D-HH:MM:SS")
     if limit is None and not opts.time:
         end = job_end_time(env)
         limit = None if end is None else end - time.time()
@@ -525,7 +530,7 @@ def run(args: argparse.Namespace) -> int:
     from hpcgan.train.run_folder import RunFolder
 
     out = Path(args.out or ".").absolute()
-    base = RunFolder(out).saved_config() if args.out and (out / "config.yaml").is_file() else None
+    base = RunFolder(out).saved_config() if args.out else None  # a run folder's own config, as train resumes it
     cfg = build_config(base=base, files=args.config, overrides=args.overrides)
     if args.partition is None:
         args.partition = os.environ.get("SLURM_JOB_PARTITION")

@@ -46,8 +46,9 @@ def test_each_broken_precondition_is_one_failing_line(tmp_path):
     lines = verdicts(proc.stdout)
     assert lines["mlflow"].startswith(f"fail mlflow: http://127.0.0.1:{port} unreachable")
     assert lines["disk"].startswith("fail disk:") and "lower checkpoint.keep" in lines["disk"]
-    assert lines["time limit"] == ("fail time limit: time limit 10m00s, checkpoint every 500 steps x 2 s = 16m40s: "
-                                   "the job ends before its first checkpoint -> set checkpoint.every=150 or raise --time")
+    assert lines["time limit"] == (
+        "fail time limit: time limit 10m00s, checkpoint every 500 steps x 2 s = 16m40s: the job ends before its "
+        "first checkpoint -> set checkpoint.every=150 or raise --time")
     assert proc.stdout.splitlines()[-1].startswith("doctor: 3 failed")
     assert "Traceback" not in proc.stdout + proc.stderr
 

@@ -76,14 +76,6 @@ def _first_line(exn: BaseException) -> str:
     return f"{type(exn).__name__}: {text.splitlines()[0]}" if text else type(exn).__name__
 
 
-def _leave_signals_to_the_trainer(worker_id: int) -> None:
-    """A scheduler signals the whole process group (preemption, scancel, time limit): a worker that died
-    of it would fail the trainer's next batch before the trainer could checkpoint. Workers ignore the
-    signals the trainer saves on; they end with the trainer's iterator, or with its process."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, signal.SIG_IGN)
-
-
 class _EpochStream(IterableDataset):
     """Yields (batch number, uint8 (B, 1, H, W), int64 (B,) labels) for this rank's share of the epoch's
     batches from `start` on, or the one-line error as a str.

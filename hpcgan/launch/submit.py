@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check everything, print the sbatch script and srun line that would run; submit nothing")
     p.add_argument("--skip-doctor", action="store_true",
-                   help="submit without the quick `hpcgan doctor` checks (disk, run folder, MLflow, partition GPUs, time)")
+                   help="submit without the quick `hpcgan doctor` checks (disk, run folder, MLflow, partition, time)")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
                    help="wait for the job(s) and show the log (default: on for local/debug, off for slurm)")
     return p

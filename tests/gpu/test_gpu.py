@@ -8,13 +8,14 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import assert_identical, cli_env, ddp_report, final_weights, hpcgan_cmd, make_trainer, write_image_folder
+from helpers import assert_identical, cli_env, final_weights, free_port, hpcgan_cmd, make_trainer, write_image_folder
 
 pytestmark = pytest.mark.gpu
 
@@ -28,7 +29,8 @@ GPU = ["train.batch_size=16", "data.device_resident=true"]
 @pytest.fixture(scope="session")
 def folders(tmp_path_factory) -> dict[int, Path]:
     root = tmp_path_factory.mktemp("gpu-data")
-    return {res: write_image_folder(root / f"slices-{res}", n=64, size=res) for res in (64, 128, 256)}
+    # more images than one batch of 128 (the throughput test)
+    return {res: write_image_folder(root / f"slices-{res}", n=256, size=res) for res in (64, 128, 256)}
 
 
 def train(data: Path, out: Path, steps: int, *sets: str):
@@ -92,28 +94,23 @@ def test_shard_readers_on_gpu(reader, shards, tmp_path, figures):
     assert all(math.isfinite(v) for v in losses(tmp_path / "run"))
 
 
-def test_two_processes_on_the_gpus(tmp_path, figures):
-    """NCCL across two GPUs where they exist; on one GPU, two gloo processes sharing it."""
-    if torch.cuda.device_count() >= 2:
-        report = ddp_report(tmp_path / "ddp", 4, 'train.mixed_precision="bf16"')
-        figures["backend"] = "nccl"
-        assert report and all(entry["equal"] for entry in report), report
-        return
-    out = tmp_path / "shared"
-    env = cli_env(OMP_NUM_THREADS="1")
-    procs = []
-    from helpers import free_port
-
-    port = free_port()
-    worker = Path(__file__).with_name("one_gpu_worker.py")
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_two_processes_on_the_gpus(backend, tmp_path, figures):
+    """Two gloo processes sharing cuda:0; NCCL with a GPU each where two GPUs exist."""
+    if backend == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("NCCL between two processes needs two GPUs")
+    port, procs = free_port(), []
     for rank in range(2):
+        local = str(rank) if backend == "nccl" else "0"
         procs.append(subprocess.Popen(
-            [*hpcgan_cmd()[:1], str(worker), str(out)],
-            env={**env, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(port)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            [sys.executable, str(Path(__file__).with_name("two_process_worker.py")), str(tmp_path), backend],
+            env={**cli_env(OMP_NUM_THREADS="1"), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": local,
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    start = time.perf_counter()
     outputs = [p.communicate(timeout=300)[0] for p in procs]
+    figures["seconds"] = round(time.perf_counter() - start, 2)
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
-    figures["backend"] = "gloo, 2 processes on cuda:0"
     assert "ranks equal" in outputs[0], outputs[0][-2000:]
 
 

@@ -1,5 +1,6 @@
-"""Two processes on one GPU over gloo (tests/gpu/test_gpu.py): each trains a few DDP steps on cuda:0, then
-the ranks compare a checksum of their weights; rank 0 prints "ranks equal"."""
+"""`two_process_worker.py OUT BACKEND`, two ranks started by tests/gpu/test_gpu.py: gloo with both on cuda:0
+(LOCAL_RANK=0 for both), or NCCL with one GPU each. Each trains a few DDP steps, then the ranks compare a
+checksum of their weights; rank 0 prints "ranks equal"."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from hpcgan.train import Trainer  # noqa: E402
 from hpcgan.train.distributed import release_distributed  # noqa: E402
 
 
-def main(out: str) -> None:
-    dist.init_process_group("gloo")  # NCCL refuses two ranks on one device; Accelerate keeps this group
+def main(out: str, backend: str) -> None:
+    dist.init_process_group(backend)  # NCCL refuses two ranks on one device; Accelerate keeps this group
     data = torch.randint(0, 256, (64, 1, 64, 64), dtype=torch.uint8)
     path = Path(out) / "data.pt"
     if dist.get_rank() == 0:
@@ -29,7 +30,8 @@ def main(out: str) -> None:
     trainer = Trainer(cfg, Path(out) / "run")
     assert trainer.device.type == "cuda", trainer.device
     assert trainer.fit() == 0
-    total = torch.stack([p.detach().double().sum() for p in trainer.generator.parameters()]).sum().cpu()
+    total = torch.stack([p.detach().double().sum() for p in trainer.generator.parameters()]).sum()
+    total = total.to(trainer.device if backend == "nccl" else "cpu")
     sums = [torch.zeros_like(total) for _ in range(2)]
     dist.all_gather(sums, total)
     if dist.get_rank() == 0:
@@ -38,4 +40,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
