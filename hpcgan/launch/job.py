@@ -40,14 +40,17 @@ class TrainJob(submitit.helpers.Checkpointable):
         from hpcgan.cli import build_parser, resolve_train_config, setup_logging
         from hpcgan.train import EXIT_INTERRUPTED, Trainer
         from hpcgan.train.distributed import release_distributed
+        from hpcgan.train.signals import InterruptFlag
 
         export_distributed_env()
         setup_logging()
         args = build_parser().parse_args(["train", *argv])
-        trainer = Trainer(resolve_train_config(args), args.out)
+        interrupt = InterruptFlag().install()  # before the trainer is built: start-up is interruptible too
         try:
+            trainer = Trainer(resolve_train_config(args), args.out, interrupt=interrupt)
             code = trainer.fit()
         finally:
+            interrupt.restore()  # submitit's handlers back, for the hand-over below
             release_distributed()
         if code == EXIT_INTERRUPTED:
             signum = trainer.interrupt.signum
