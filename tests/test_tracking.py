@@ -197,7 +197,8 @@ def test_server_that_comes_up_mid_run_gets_the_one_run_that_a_resume_continues(i
         late = int(_lines(stderr, "reachable again")[0].split(": ")[-1].split()[0])
         assert late >= 3 * 6  # the steps trained while it was down, delivered: 6+ metrics per step
         logged = _logged_steps(out)
-        assert [m.step for m in client.get_metric_history(run_id, "loss_d")] == logged == list(range(1, len(logged) + 1))
+        history = [m.step for m in client.get_metric_history(run_id, "loss_d")]
+        assert history == logged == list(range(1, len(logged) + 1))
         stopped = logged[-1]
 
         resumed = run_cli(*train_args(image_folder, out, f"train.steps={stopped + 2}", "track.enabled=true",
@@ -240,7 +241,8 @@ def test_server_outage_is_two_lines_and_a_failure_is_recorded_with_its_reason(im
         assert "Retrying" not in stderr.read_text()
         client = MlflowClient(server.uri)
         logged = _logged_steps(out)
-        assert [m.step for m in client.get_metric_history(run_id, "loss_d")] == logged == list(range(1, len(logged) + 1))
+        history = [m.step for m in client.get_metric_history(run_id, "loss_d")]
+        assert history == logged == list(range(1, len(logged) + 1))
     finally:
         proc.kill()
     # A run that fails: its checkpoint folder cannot be made (a file is in the way).

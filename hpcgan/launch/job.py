@@ -56,18 +56,22 @@ class TrainJob(submitit.helpers.Checkpointable):
         from hpcgan.cli import build_parser, resolve_train_config, setup_logging
         from hpcgan.train import EXIT_INTERRUPTED, Trainer
         from hpcgan.train.distributed import release_distributed
+        from hpcgan.train.signals import InterruptFlag
 
         export_distributed_env()
         setup_logging()
         args = build_parser().parse_args(["train", *argv])
-        trainer = Trainer(resolve_train_config(args), args.out)
+        interrupt = InterruptFlag().install()  # before the trainer is built: start-up is interruptible too
         try:
+            trainer = Trainer(resolve_train_config(args), args.out, interrupt=interrupt)
             code = trainer.fit()
+            interrupt.restore()  # submitit's handlers back, for the hand-over to them below
             if code == EXIT_INTERRUPTED and trainer.is_main:
                 requeue_unless_slurm_does(trainer.interrupt)
         finally:
             # Rank 0's requeue happens before this barrier: with srun --kill-on-bad-exit, the first rank to
             # exit 75 ends the others, and rank 0 must not be ended before its `scontrol requeue`.
+            interrupt.restore()
             release_distributed()
         if code == EXIT_INTERRUPTED:
             # Every rank the same code; exiting without a result keeps submitit from recording the job

@@ -403,8 +403,8 @@ class Trainer:
     def _exit_startup(self) -> int:
         self.report.finish("KILLED")
         if self.is_main:
-            log.warning("interrupted by signal %s during start-up, at step %d: nothing new to save, exiting with "
-                        "%d (resumable)", self.interrupt.signum, self.state.step, EXIT_INTERRUPTED)
+            log.warning("interrupted by signal %s during start-up: nothing new to save, exiting with %d (resumable)",
+                        self.interrupt.signum, EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
 
     def _checkpoint_bytes(self) -> int:
@@ -509,7 +509,8 @@ class Trainer:
 def train(cfg: Config, run_dir: str | Path, signals: Sequence[int] = ()) -> int:
     """`signals`: ones that arrived before this was called (the CLI records them while torch imports)."""
     interrupt = InterruptFlag().install()
-    interrupt.signum = interrupt.signum or (signals[0] if signals else None)
+    if signals and interrupt.signum is None:
+        interrupt.signum = signals[0]
     try:
         return Trainer(cfg, run_dir, interrupt=interrupt).fit()
     finally:
