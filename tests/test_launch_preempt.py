@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,20 +43,23 @@ def rank_logs(out: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in (out / "submitit").glob("*/*/*_log.err"))
 
 
-def task_process(out: Path, rank: int, timeout: float = 30) -> psutil.Process:
-    """The submitit task of global rank `rank` running the job whose run folder is `out`."""
+def task_process(out: Path, rank: int, timeout: float = 60) -> psutil.Process:
+    """The submitit task of global rank `rank` of the job whose run folder is `out`, once it has its two data
+    workers (they start anew each epoch)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for proc in psutil.process_iter(["cmdline"]):
             try:
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if "submitit.core._submit" in cmd and str(out) in cmd \
-                        and proc.environ().get("SLURM_PROCID") == str(rank):
+                cmd = proc.info["cmdline"] or []
+                if cmd[:1] != [sys.executable] or "submitit.core._submit" not in cmd or str(out) not in " ".join(cmd):
+                    continue
+                if proc.environ().get("SLURM_PROCID") == str(rank) and proc.parent().name() != proc.name() \
+                        and len(proc.children()) == 2:
                     return proc
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+            except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
                 continue
         time.sleep(0.2)
-    raise AssertionError(f"no task of rank {rank} for {out}")
+    raise AssertionError(f"no task of rank {rank} with two data workers for {out}")
 
 
 def test_sigterm_to_every_process_of_the_job(shards, tmp_path, uninterrupted):
@@ -63,7 +67,7 @@ def test_sigterm_to_every_process_of_the_job(shards, tmp_path, uninterrupted):
     proc = submit(tmp_path, out, "--wait", data=shards, steps=STEPS, extra=READER)
     jid = job_id(proc)
     wait_for_step(out, 12)
-    assert len(task_process(out, 1).children()) == 2  # the data workers, in the job step with the rank
+    task_process(out, 1)  # its data workers run in the job step with it
     subprocess.run(["scancel", "--signal=TERM", "--full", jid], check=True)
     proc.communicate(timeout=300)
     logs = rank_logs(out)
