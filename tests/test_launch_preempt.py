@@ -29,7 +29,7 @@ READER = ("data.reader=webdataset", "data.workers=2", "train.sync_every=1")
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("shards")
-    make_shards(folder, n_train=48, sizes=(64,), shard_size=16)
+    make_shards(folder, n_train=160, sizes=(64,), shard_size=40)  # 20 batches: workers are mid-epoch at step 12
     return folder
 
 
