@@ -1,5 +1,5 @@
 """Preemption of a 2-rank job with data worker processes on the real local SLURM: SIGTERM to every process
-of the job (`scancel --signal=TERM --full`, as preemption sends it), and a data worker of rank 1 killed.
+of the job step (`scontrol requeue`, as preemption sends it), and a data worker of rank 1 killed.
 Both end in a checkpoint and exit 75 on every rank, and the run ends on the weights of one never
 interrupted."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,13 +22,14 @@ from test_launch import finish, job_id, sacct_states, submit, wait_for_step
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 STEPS = 40
-READER = ("data.reader=webdataset", "data.workers=2")
+# Ranks agree on an interrupt every step: the save must fit in the local cluster's KillWait (10 s).
+READER = ("data.reader=webdataset", "data.workers=2", "train.sync_every=1")
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("shards")
-    make_shards(folder, n_train=48, sizes=(64,), shard_size=16)
+    make_shards(folder, n_train=160, sizes=(64,), shard_size=40)  # 20 batches: workers are mid-epoch at step 12
     return folder
 
 
@@ -42,37 +44,37 @@ def rank_logs(out: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in (out / "submitit").glob("*/*/*_log.err"))
 
 
-def task_process(out: Path, rank: int, timeout: float = 30) -> psutil.Process:
-    """The submitit task of global rank `rank` running the job whose run folder is `out`."""
+def task_process(out: Path, rank: int, timeout: float = 60) -> psutil.Process:
+    """The submitit task of global rank `rank` of the job whose run folder is `out`, once it has its two data
+    workers (they start anew each epoch)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for proc in psutil.process_iter(["cmdline"]):
             try:
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if "submitit.core._submit" in cmd and str(out) in cmd \
-                        and proc.environ().get("SLURM_PROCID") == str(rank):
+                cmd = proc.info["cmdline"] or []
+                if cmd[:1] != [sys.executable] or "submitit.core._submit" not in cmd or str(out) not in " ".join(cmd):
+                    continue
+                if proc.environ().get("SLURM_PROCID") == str(rank) and proc.parent().name() != proc.name() \
+                        and len(proc.children()) == 2:
                     return proc
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+            except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
                 continue
         time.sleep(0.2)
-    raise AssertionError(f"no task of rank {rank} for {out}")
+    raise AssertionError(f"no task of rank {rank} with two data workers for {out}")
 
 
-def test_sigterm_to_every_process_of_the_job(shards, tmp_path, uninterrupted):
+def test_requeue_sigterms_every_process_of_the_job(shards, tmp_path, uninterrupted):
     out = tmp_path / "run"
     proc = submit(tmp_path, out, "--wait", data=shards, steps=STEPS, extra=READER)
     jid = job_id(proc)
     wait_for_step(out, 12)
-    assert len(task_process(out, 1).children()) == 2  # the data workers, in the job step with the rank
-    subprocess.run(["scancel", "--signal=TERM", "--full", jid], check=True)
-    proc.communicate(timeout=300)
+    task_process(out, 1)  # its data workers run in the job step with it, and get the SIGTERM too
+    subprocess.run(["scontrol", "requeue", jid], check=True)
+    finish(proc, timeout=900)
+    assert "REQUEUED" in sacct_states(jid)
     logs = rank_logs(out)
     assert "exited unexpectedly" not in logs and "Traceback" not in logs, logs[-3000:]
     assert "interrupted by signal SIGTERM" in logs and "checkpoint saved, exiting with 75" in logs
-    exits = subprocess.run(["sacct", "-n", "-P", "-j", jid, "-o", "JobName,ExitCode"], capture_output=True,
-                           text=True).stdout
-    assert "python|75:0" in exits, exits  # the step: every rank left with 75
-    finish(submit(tmp_path, out, "--wait", data=shards, steps=STEPS, extra=READER), timeout=900)  # resumes
     assert_identical(final_weights(out), uninterrupted)
 
 

@@ -281,14 +281,13 @@ def submit(opts: argparse.Namespace, train_argv: list[str]) -> tuple[Plan, list]
         raise LaunchError(f"--nodes {opts.nodes} needs --cluster slurm; the {opts.cluster} executor runs on this machine")
     plan = plan_runs(opts, train_argv)
     res = resolve_resources(opts, shape)
-    if res.note:
-        print(res.note)
     if not opts.skip_doctor:
         run_doctor(opts, plan, res)
     folder = plan.runs[0][0].parent if len(plan.runs) > 1 else plan.runs[0][0]
     logs = folder / "submitit" / time.strftime("%Y%m%d-%H%M%S")
     executor = make_executor(opts, logs, res)
     if opts.dry_run:
+        print(res.note or f"{res.gpus} GPUs per node")
         dry_run(opts, plan, executor)
         return plan, []
     try:
@@ -309,6 +308,8 @@ def submit(opts: argparse.Namespace, train_argv: list[str]) -> tuple[Plan, list]
     for (out, _), job in zip(plan.runs, jobs):
         print(f"job {job.job_id} ({opts.cluster}): run folder {out}")
         print(f"  log: {job.paths.stdout}")
+    if res.note:
+        print(res.note)
     print(f"MLflow experiment '{plan.experiment}'; each run folder records its MLflow run id")
     return plan, jobs
 
