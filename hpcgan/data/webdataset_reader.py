@@ -24,6 +24,7 @@ batches already served.
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -42,14 +43,21 @@ SHUFFLE_BUFFER = 1024  # samples; as DALI's reader
 
 # Readers whose workers may be running. The workers ignore SIGTERM (`ignore_preemption_signals`), so
 # multiprocessing's exit hook, which terminates daemonic children with SIGTERM and then joins them, would
-# wait forever: at exit the workers are first asked to stop, as when an epoch ends.
+# wait forever: at exit the workers are first asked to stop, as when an epoch ends, and any still alive
+# (an iterator kept alive by an exception's traceback never asks them) are killed.
 _live: weakref.WeakSet[WebDatasetReader] = weakref.WeakSet()
 
 
 @atexit.register  # registered after multiprocessing's and torch's exit hooks, so it runs before them
 def _stop_workers() -> None:
+    if not _live:
+        return
     for reader in list(_live):
         reader._iter = None
+    for child in multiprocessing.active_children():
+        if child.daemon:  # DataLoader workers; multiprocessing would SIGTERM these next, which they ignore
+            child.kill()
+            child.join(5)
 
 
 def epoch_order(seed: int, epoch: int, num_shards: int, num_used: int,
@@ -229,8 +237,10 @@ class WebDatasetReader:
             self._start()
         try:
             item = next(self._iter, None)
-        except RuntimeError as err:
-            if "DataLoader worker" not in str(err):
+        except (RuntimeError, ConnectionError, EOFError) as err:
+            # A worker killed while it hands over a batch breaks the pipe (reset, EOF) instead of being
+            # reported by the DataLoader: both mean the same.
+            if isinstance(err, RuntimeError) and "DataLoader worker" not in str(err):
                 raise
             self._iter = None
             raise WorkerLost(f"{self.split.shard_dir}: a data worker died before batch {self.batch} of epoch "
