@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from hpcgan.config import ModelConfig
+from hpcgan.models.dcgan import init_weights
 
 def _width(size: int, base: int) -> int:
     """Channels of a size x size feature map: the base width at 32 px, doubling towards 4 px and halving
@@ -184,17 +185,9 @@ class Discriminator(nn.Module):
 
 
 def build(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """Both nets with the recipe's initialisation, which is DCGAN's: convolutions ~ N(0, 0.02), BatchNorm
+    scales ~ N(1, 0.02)."""
     generator, discriminator = Generator(cfg), Discriminator(cfg)
-    generator.apply(_init_weights)
-    discriminator.apply(_init_weights)
+    generator.apply(init_weights)
+    discriminator.apply(init_weights)
     return generator, discriminator
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Convolutions ~ N(0, 0.02), BatchNorm scale ~ N(1, 0.02): the recipe's (DCGAN's) initialisation."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-        weight = module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
-        nn.init.normal_(weight, 0.0, 0.02)
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.normal_(module.weight, 1.0, 0.02)
-        nn.init.zeros_(module.bias)
