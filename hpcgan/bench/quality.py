@@ -308,9 +308,9 @@ def table(result: dict[str, Any]) -> str:
     lines += [floor, f"{'real floor: halves of train':<36}{blank}{q['floor_halves_swd']:>8.2f}", ""]
     if not pr:
         lines.append(f"precision/recall skipped: {q['pr']['skipped']}")
-    lines.append(f"{'snapshot':<10}" + "".join(f"{name[:10] + ' s':>12}{'SWD':>8}" for name in loops))
+    lines.append(f"{'snapshot':<10}" + "".join(f"{name[:10] + ' s':>14}{'SWD':>8}" for name in loops))
     for i, points in enumerate(zip_longest(*(s["curve"] for s in loops.values()))):
-        cells = [f"{p['seconds']:>12.1f}{p['swd']:>8.2f}" if p else " " * 20 for p in points]
+        cells = [f"{p['seconds']:>14.1f}{p['swd']:>8.2f}" if p else " " * 22 for p in points]
         lines.append(f"{i:<10}{''.join(cells)}")
     target = loops[REFERENCE]["swd"]
     lines.append("")
