@@ -74,6 +74,8 @@ def test_dry_run_prints_the_script_and_submits_nothing(slurm_cluster, image_fold
 
     proc = dry("--gpus-per-node", "2", "--cpus-per-task", "3", "--no-requeue", "--partition", "high")
     assert proc.returncode == 0, proc.stderr
+    # A real submission would be refused (a CPU partition); the dry run says why and still shows the job.
+    assert "doctor: fail partition: high has 0 GPU(s) per node, 2 requested" in proc.stderr
     lines = proc.stdout.splitlines()
     for expected in ("#SBATCH --gres=gpu:2", "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=3",
                      "#SBATCH --no-requeue", "#SBATCH --partition=high", "export SRUN_CPUS_PER_TASK=3"):

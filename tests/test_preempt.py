@@ -27,7 +27,8 @@ READERS = {"memory": ["data.reader=memory"], "webdataset": ["data.reader=webdata
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("shards")
-    make_shards(folder, n_train=48, sizes=(64,), shard_size=16)
+    # 20 batches per epoch, more than a run's 16 steps: a killed worker always still had batches to serve.
+    make_shards(folder, n_train=160, sizes=(64,), shard_size=16)
     return folder
 
 

@@ -185,17 +185,18 @@ def plan_runs(opts: argparse.Namespace, train_argv: list[str]) -> Plan:
 
 
 def run_doctor(opts: argparse.Namespace, plan: Plan, res: Resources) -> None:
-    """`hpcgan doctor`'s quick checks of each run: warnings printed, the first failure refuses the submission."""
+    """`hpcgan doctor`'s quick checks of each run: warnings printed, the first failure refuses the submission.
+    A dry run prints failures too, and goes on to show the job that was asked for."""
     from hpcgan.doctor import preflight
 
     checks = preflight([argv for _, argv in plan.runs], slurm=opts.cluster == "slurm", partition=opts.partition,
                        gpus_per_node=res.gpus, nodes=opts.nodes, tasks=res.tasks,
                        time_limit=opts.time)
     for check in checks:
-        if check.verdict == "warn":
+        if check.verdict == "warn" or (check.verdict == "fail" and opts.dry_run):
             print(f"launch/submit.py: doctor: {check.line()}", file=sys.stderr)
     failed = next((c for c in checks if c.verdict == "fail"), None)
-    if failed:
+    if failed and not opts.dry_run:
         raise LaunchError(f"doctor: {failed.line()} (--skip-doctor submits anyway)")
 
 

@@ -94,6 +94,17 @@ def agree(ok: bool, world: int, device: torch.device, timeout_s: float | None = 
     return bool(flag.item())
 
 
+def highest(value: int, world: int, device: torch.device, timeout_s: float | None = None) -> int:
+    """The largest `value` of any rank, on every rank; a barrier whose late ranks are named, as `agree`'s."""
+    if world == 1:
+        return value
+    if timeout_s is not None:
+        arrive(timeout_s)
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def share(value: int, world: int, device: torch.device) -> int:
     """Rank 0's `value` on every rank (a broadcast)."""
     if world == 1:

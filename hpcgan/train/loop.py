@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from hpcgan.config import Config
 from hpcgan.data import Reader, build_reader
@@ -28,7 +27,7 @@ from hpcgan.models.losses import d_loss, g_loss, r1_penalty
 from hpcgan.train.checkpoint import (MODEL_FILE, STATE_FILE, CheckpointError, CheckpointManager, Source,
                                      step_dir_name)
 from hpcgan.train.conditioning import check_classes, resolve_classes, run_classes, step_labels
-from hpcgan.train.distributed import (agree, carry_rank0_augment, from_global_position, rederive_rng,
+from hpcgan.train.distributed import (agree, carry_rank0_augment, from_global_position, highest, rederive_rng,
                                      release_distributed, resume_on_new_world, resume_seed, share)
 from hpcgan.train.guard import EXIT_DIVERGED, Guard, all_finite
 from hpcgan.train.precision import precision_name
@@ -291,10 +290,9 @@ class Trainer:
             return bool(self.interrupt)
         if self.state.step % self.cfg.train.sync_every:
             return False
-        signum = torch.tensor([self.interrupt.signum or 0], device=self.device)
-        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-        if signum.item():
-            self.interrupt.signum = int(signum.item())
+        signum = highest(self.interrupt.signum or 0, self.world, self.device, self.cfg.train.dist_timeout_s)
+        if signum:
+            self.interrupt.signum = signum
         return bool(self.interrupt)
 
     def save_checkpoint(self, data: dict[str, Any] | None = None) -> Path | None:
