@@ -6,6 +6,8 @@ import json
 import logging
 import multiprocessing
 import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -303,3 +305,27 @@ def test_16_bit_shards_read_the_same_with_every_reader(tmp_path: Path) -> None:
         batches = [src.next_batch().images for _ in range(src.batches_per_epoch)]
         epochs[reader] = image_counts(as_uint8(torch.cat(batches)))
     assert epochs["memory"] == epochs["webdataset"] == epochs["dali"]
+
+
+ABANDONED_ITERATOR = """
+import gc, sys
+from hpcgan.config import DataConfig
+from hpcgan.data import build_reader
+gc.disable()  # the abandoned iterator below is never collected
+reader = build_reader(DataConfig(path=sys.argv[1], reader="webdataset", workers=2), seed=3, global_batch=16,
+                      rank=0, world=1, device="cpu")
+reader.next_batch()
+cycle = [reader._iter]
+cycle.append(cycle)
+del reader, cycle  # workers still running, their reader gone, the iterator never shut down
+print("left", flush=True)
+"""
+
+
+def test_a_process_exits_with_an_abandoned_webdataset_iterator(shard_dir: Path) -> None:
+    """Workers ignore SIGTERM, which multiprocessing's exit hook relies on: without the reader's own exit
+    hook a process that leaves a running iterator behind waits for its workers forever."""
+    done = subprocess.run([sys.executable, "-c", ABANDONED_ITERATOR, str(shard_dir)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "left"

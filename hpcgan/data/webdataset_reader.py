@@ -41,23 +41,20 @@ from hpcgan.data.reader import (Batch, DataError, WorkerLost, batches_per_epoch,
 
 SHUFFLE_BUFFER = 1024  # samples; as DALI's reader
 
-# Readers whose workers may be running. The workers ignore SIGTERM (`ignore_preemption_signals`), so
+# Worker processes started by any reader. They ignore SIGTERM (`ignore_preemption_signals`), so
 # multiprocessing's exit hook, which terminates daemonic children with SIGTERM and then joins them, would
-# wait forever: at exit the workers are first asked to stop, as when an epoch ends, and any still alive
-# (an iterator kept alive by an exception's traceback never asks them) are killed.
-_live: weakref.WeakSet[WebDatasetReader] = weakref.WeakSet()
+# wait forever for any still running: an iterator that was never shut down (one kept alive by an
+# exception's traceback, or left in an uncollected reference cycle after its reader was freed) still
+# has its workers. At exit they are killed, whether or not their reader still exists.
+_workers: weakref.WeakSet[multiprocessing.process.BaseProcess] = weakref.WeakSet()
 
 
 @atexit.register  # registered after multiprocessing's and torch's exit hooks, so it runs before them
-def _stop_workers() -> None:
-    if not _live:
-        return
-    for reader in list(_live):
-        reader._iter = None
-    for child in multiprocessing.active_children():
-        if child.daemon:  # DataLoader workers; multiprocessing would SIGTERM these next, which they ignore
-            child.kill()
-            child.join(5)
+def _kill_workers() -> None:
+    for worker in list(_workers):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(5)
 
 
 def epoch_order(seed: int, epoch: int, num_shards: int, num_used: int,
@@ -224,8 +221,9 @@ class WebDatasetReader:
         self._stream.shard_order, self._stream.shuffle_seed, self._stream.start = order, shuffle_seed, self.batch
         self._flips = None if flips is None else \
             flips.view(self.batches_per_epoch, self.global_batch)[:, self.my_slice].to(self.device)
+        before = set(multiprocessing.active_children())
         self._iter = iter(self._loader)
-        _live.add(self)
+        _workers.update(set(multiprocessing.active_children()) - before)
         quiet_worker_deaths()
 
     def next_batch(self) -> Batch:
