@@ -70,6 +70,14 @@ def output_folder(run: Path, checkpoint: Path) -> RunFolder:
     return RunFolder(run) if RunFolder(run).is_run() else RunFolder(checkpoint)
 
 
+def generated_labels(n: int, counts: list[int], seed: int) -> torch.Tensor:
+    """`n` class labels in the training data's proportions, in a seeded random order. Metrics that compare
+    equal-sized sets (SWD, precision/recall) read the first len(real) generated slices: in class order
+    those would all be of the first class."""
+    labels = allocate(n, counts)
+    return labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed + 4))]
+
+
 def evaluate_run(run: Path, data: str, names: list[str], n: int, weights: str, seed: int,
                  ema: bool = True) -> tuple[dict, Path]:
     """Distribution metrics against the held-out split; the memorization audit against the training
@@ -79,7 +87,7 @@ def evaluate_run(run: Path, data: str, names: list[str], n: int, weights: str, s
     folder = resolve_checkpoint(run)
     generator = load_generator(folder, ema=ema)
     counts = list((CheckpointManager.read_state(folder).get("classes") or {}).values())
-    labels = allocate(n, counts) if counts else None  # a conditional run's classes, as in its training data
+    labels = generated_labels(n, counts, seed) if counts else None
     fake = generate(generator, torch.randn(n, generator.nz, generator=torch.Generator().manual_seed(seed)), labels)
     size = fake.shape[-1]
     real = load_real(data, split="val", size=size)

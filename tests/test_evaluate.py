@@ -6,9 +6,11 @@ import json
 import signal
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from hpcgan.cli import main
+from hpcgan.evaluate import generated_labels
 from hpcgan.train.checkpoint import CheckpointManager, is_complete
 from hpcgan.train.signals import EXIT_INTERRUPTED
 
@@ -97,3 +99,16 @@ def test_evaluate_without_weights_skips_fid_with_a_reason(evaluated_run, image_f
     assert "fid" not in report and "weights" in report["fid_skipped"] and report["swd"] > 0
     assert main(["evaluate", "--run", str(out), "--metrics", "nope"]) == 2
     assert "unknown metric(s) nope" in capsys.readouterr().err
+
+
+def test_a_conditional_runs_generated_set_has_every_class_in_any_prefix() -> None:
+    """SWD and precision/recall read the first len(real) generated slices; 10000 generated against 106
+    held-out ones (the quickstart) must not all be of the first class."""
+    counts = [270, 379, 109]
+    labels = generated_labels(10000, counts, seed=0)
+    assert torch.bincount(labels).tolist() == [3562, 5000, 1438]  # the training proportions, exactly
+    head = torch.bincount(labels[:106], minlength=3) / 106
+    share = torch.tensor(counts) / sum(counts)
+    assert ((head - share).abs() < 0.1).all(), head
+    assert torch.equal(labels, generated_labels(10000, counts, seed=0))
+    assert not torch.equal(labels, generated_labels(10000, counts, seed=1))
