@@ -75,12 +75,18 @@ def density_coverage(real_features: torch.Tensor, fake_features: torch.Tensor, *
 
 def _feature_sets(ctx: MetricContext) -> tuple[torch.Tensor, torch.Tensor, str, Result]:
     """Real and generated features, the space's name, and the "features" report entry when a
-    network made them; without one, a fixed random projection of pixels."""
+    network made them; without one, a fixed random projection of pixels.
+
+    Both sets are cut to the smaller one's size (its first points): a k-NN radius shrinks as its set
+    grows, so 10000 generated points against 106 real ones would push recall to 0 and precision up."""
     if ctx.has_features():
         space = ctx.extractor.name if ctx.extractor is not None else "precomputed-features"
-        return ctx.features("real"), ctx.features("fake"), space, {"features": ctx.feature_space()}
-    projection = PixelProjection()
-    return extract(projection, ctx.real), extract(projection, ctx.fake), projection.name, {}
+        real, fake, protocol = ctx.features("real"), ctx.features("fake"), {"features": ctx.feature_space()}
+    else:
+        projection = PixelProjection()
+        real, fake, space, protocol = extract(projection, ctx.real), extract(projection, ctx.fake), projection.name, {}
+    n = min(len(real), len(fake))
+    return real[:n], fake[:n], space, protocol
 
 
 @register("pr", features=True)
