@@ -369,7 +369,7 @@ PRESETS = Path(__file__).parent / "configs"
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML file, or a preset shipped with the package by name (`--config quickstart`)."""
     path = Path(path)
-    if not path.exists() and (PRESETS / f"{path}.yaml").exists():
+    if not path.is_file() and (PRESETS / f"{path}.yaml").is_file():  # a folder named like a preset is no config
         path = PRESETS / f"{path}.yaml"
     try:
         data = yaml.safe_load(path.read_text())

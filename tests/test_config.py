@@ -146,3 +146,10 @@ def test_documented_choices_match_the_registries():
     assert set(names) == set(choices["metrics.names"])
     registered = re.search(r"Registered names: (.*?)\.", hpcgan.metrics.__doc__).group(1)
     assert set(re.findall(r'"(\w+)"', registered)) == set(choices["metrics.names"])
+
+
+def test_preset_by_name_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """`--config quickstart` run from a folder that holds a run folder called quickstart."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart").mkdir()
+    assert build_config(files=["quickstart"]).train.steps == 2000
