@@ -82,6 +82,26 @@ def test_interrupt_mid_step_undoes_the_step_and_resumes_exactly(image_folder, tm
     assert_identical(final_weights(out), reference_run)
 
 
+def test_interrupt_during_the_first_step_saves_nothing_new(image_folder, tmp_path, caplog):
+    """Fresh or resumed, a signal before this process's first step completes leaves the checkpoints as
+    they were: a restart rebuilds that state anyway."""
+    out = tmp_path / "run"
+    for steps, before in [(4, []), (8, [4])]:
+        if before:
+            assert make_trainer(image_folder, out, "train.steps=4", "checkpoint.every=4").fit() == 0
+        trainer = make_trainer(image_folder, out, f"train.steps={steps}", "checkpoint.every=4")
+
+        def signal_during_the_first_step(module, inputs, output):
+            trainer.interrupt.signum = signal.SIGTERM  # what the installed handler does
+
+        trainer.discriminator.register_forward_hook(signal_during_the_first_step)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hpcgan"):
+            assert trainer.fit() == EXIT_INTERRUPTED
+        assert "during start-up: nothing new to save" in caplog.text
+        assert CheckpointManager(out / "checkpoints", keep=3).complete_steps() == before
+
+
 @pytest.mark.parametrize("reader", ["webdataset", "dali"])
 def test_resume_mid_epoch_from_shards_is_bit_exact(tmp_path, reader):
     """Streaming readers too: the resumed run draws the same batches and the same noise."""

@@ -85,6 +85,7 @@ class Trainer:
         self._buffers = [*generator.buffers(), *discriminator.buffers()]
         self._self_supervised = getattr(discriminator, "self_supervised", False)
         self._saved_step = -1
+        self._steps_taken = 0  # by this process: before the first, a restart rebuilds the same state
         self.report = Reporter(cfg, self.run, self.device, self.is_main)
 
     def _register_parts(self) -> None:
@@ -196,6 +197,7 @@ class Trainer:
                 aborted.data = before.data
                 raise
         self.state.step += 1
+        self._steps_taken += 1
         self.state.images_seen += self.cfg.train.batch_size
         if self.augment is not None:
             self.augment.adjust(self.state.step, self.cfg.train.batch_size)
@@ -431,6 +433,8 @@ class Trainer:
             try:
                 stats.add(self.step())
             except StepAborted as aborted:
+                if not self._steps_taken:  # the state a restart rebuilds: nothing new to save
+                    return self._exit_startup()
                 return self._exit_interrupted(data=aborted.data)
             step = self.state.step
             lock.heartbeat()
