@@ -12,7 +12,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -24,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from hpcgan.config import Config, ConfigError, resolve_tracking_uri
+from hpcgan.launch.slurm_info import gres_gpus
 from hpcgan.train.deadline import format_duration, job_end_time, parse_time_left
 
 # File systems that SQLite's locking cannot trust across hosts.
 NETWORK_FS = {"nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "beegfs", "fuse.sshfs", "ceph", "fuse.glusterfs",
               "panfs", "wekafs", "9p"}
-OTHER_GRES = {"shard", "mps", "nic", "bandwidth", "license", "tmpdisk"}
 MIN_TIME_LIMIT_S = 300  # less than this and startup plus one checkpoint may not fit
 
 
@@ -50,7 +49,7 @@ def gpus_requested(env: dict[str, str]) -> int | None:
     """GPUs SLURM gave this node's tasks (SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE, SLURM_JOB_GPUS), or
     those CUDA_VISIBLE_DEVICES lists; None when nothing says."""
     for var in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
-        count = gres_count(env.get(var, ""))
+        count = gpus_in(env.get(var, ""))
         if count is not None:
             return count
     for var in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES"):
@@ -371,27 +370,16 @@ def check_mlflow(cfg: Config, several_jobs: bool) -> Check:
 
 
 # ---------------------------------------------------------------- scheduler
-def gres_count(text: str) -> int | None:
-    """GPUs in a GRES or SLURM_GPUS* value: 'gpu:a100:4(S:0-1)', 'gpu:4,shard:8', '4', 'a100:2' -> 4, 4, 4, 2;
-    '(null)' -> 0; '' -> None."""
-    text = text.strip()
-    if not text:
+def gpus_in(value: str) -> int | None:
+    """GPUs in a SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE value ('4', 'a100:2', 'a100:2,v100:1') or a GRES
+    string ('gpu:a100:4(S:0-1)'); None when empty or unreadable."""
+    value = value.strip()
+    if not value:
         return None
-    total, found = 0, False
-    for item in re.split(r",(?![^(]*\))", text):
-        item = re.sub(r"\(.*?\)", "", item).strip()
-        if item in ("(null)", "", "N/A"):
-            found = True
-            continue
-        parts = item.split(":")
-        if parts[0] in OTHER_GRES or (parts[0] != "gpu" and len(parts) > 2):
-            continue  # another GRES
-        count = parts[-1]
-        if count.isdigit():
-            total, found = total + int(count), True
-        elif parts[0] == "gpu":
-            total, found = total + 1, True
-    return total if found else None
+    if value.startswith("gpu") or value == "(null)":
+        return gres_gpus(value)
+    counts = [item.split("(")[0].rsplit(":", 1)[-1].strip() for item in value.split(",")]
+    return sum(int(c) for c in counts) if all(c.isdigit() for c in counts) else None
 
 
 def partition_gpus(partition: str) -> int | None:
@@ -403,7 +391,7 @@ def partition_gpus(partition: str) -> int | None:
         return None
     if proc.returncode != 0 or not proc.stdout.strip():
         return None
-    return max(gres_count(line) or 0 for line in proc.stdout.split())
+    return max(gres_gpus(line) for line in proc.stdout.split())
 
 
 def default_partition() -> str | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hpcgan.config import build_config
-from hpcgan.doctor import check_mlflow, check_partition, check_run_folder, check_time_limit, gres_count
+from hpcgan.doctor import check_mlflow, check_partition, check_run_folder, check_time_limit, gpus_in
 
 from helpers import REPO, TINY, cli_env, free_port, run_cli
 
@@ -69,10 +69,10 @@ def test_sqlite_store_and_disabled_tracking_pass():
 
 @pytest.mark.parametrize("text,count", [
     ("gpu:a100:4(S:0-1)", 4), ("gpu:4", 4), ("gpu:h100:8,shard:16", 8), ("(null)", 0), ("", None), ("4", 4),
-    ("gpu:a100:2(S:0),gpu:v100:1(S:1)", 3), ("gpu", 1), ("license:2", None),
+    ("gpu:a100:2(S:0),gpu:v100:1(S:1)", 3), ("gpu", 1), ("a100:2", 2), ("a100:2,v100:1", 3), ("many", None),
 ])
-def test_gres_parsing(text, count):
-    assert gres_count(text) == count
+def test_gpus_of_a_slurm_value(text, count):
+    assert gpus_in(text) == count
 
 
 def test_time_limit_without_a_step_time_warns_only_when_very_short():
