@@ -13,7 +13,8 @@ is non-zero only on an error.
 `--utility` runs the downstream utility test instead (`hpcgan.metrics.utility`): a small fixed classifier
 trained on real, synthetic, real+synthetic and augmented real slices, tested on held-out real slices,
 into utility.json, utility.png and MLflow. It needs a conditional run and a labelled shard folder: the
-synthetic slices are generated for the classes of the real training slices, as many per class.
+synthetic slices are generated for the classes of the real training slices, as many per class, and
+chosen as `hpcgan sample` chooses them when its selection flags are given.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import hpcgan.metrics.utility as U
 from hpcgan.config import ConfigError
 from hpcgan.data import load_labelled, load_real, shards
 from hpcgan.data.pixels import to_unit
+from hpcgan.export import MAX_ROUNDS, Selection, select, selection_line
 from hpcgan.train.checkpoint import CheckpointManager, resolve_checkpoint
 from hpcgan.train.conditioning import allocate
 from hpcgan.train.generator import load_generator
@@ -63,6 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--utility: synthetic slices per real slice in the real+synthetic arm")
     parser.add_argument("--steps", type=int, default=U.ClassifierSettings.steps,
                         help="--utility: optimizer steps of every classifier (the same budget for each arm)")
+    parser.add_argument("--filter-d-quantile", type=float, default=0.0, metavar="Q",
+                        help="--utility: choose the synthetic slices as `hpcgan sample` does, dropping the share Q "
+                             "the discriminator finds least real")
+    parser.add_argument("--truncation-z", type=float, default=0.0, metavar="T",
+                        help="--utility: redraw latent components with |z| > T, as `hpcgan sample` does")
+    parser.add_argument("--class-check", type=float, default=0.0, metavar="P",
+                        help="--utility: keep only synthetic slices that a classifier trained on real slices gives "
+                             "their class a probability of at least P, as `hpcgan sample` does")
 
 
 def output_folder(run: Path, checkpoint: Path) -> RunFolder:
@@ -144,12 +154,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def utility_run(run: Path, data: str | None = None, *, seeds: int = 3, ratio: float = 1.0, steps: int = U.ClassifierSettings.steps,
-                seed: int = 0, ema: bool = True) -> tuple[dict[str, Any], Path]:
+                seed: int = 0, ema: bool = True, selection: Selection = Selection()) -> tuple[dict[str, Any], Path]:
     """The utility report of a conditional run on a labelled shard folder (default: the run's data.path),
     and the checkpoint folder used.
 
-    Synthetic slices: the run's (EMA) generator, `U.synthetic_counts` per class, latents drawn with `seed`;
-    classifier seeds `seed`, `seed + 1`, ...
+    Synthetic slices: the run's (EMA) generator, `U.synthetic_counts` per class, latents drawn with `seed`,
+    chosen by `selection` as `hpcgan sample` chooses them (without its memorization audit, which guards a
+    release, not a measurement); classifier seeds `seed`, `seed + 1`, ...
     """
     if seeds < 3:
         raise ConfigError(f"--seeds {seeds}: the utility test reports a spread over at least 3 seeds")
@@ -182,19 +193,34 @@ def utility_run(run: Path, data: str | None = None, *, seeds: int = 3, ratio: fl
     generator = load_generator(folder, ema=ema)
     counts = U.synthetic_counts(U.class_counts(train_y, num_classes), ratio)
     labels = torch.repeat_interleave(torch.arange(num_classes), torch.tensor(counts))
-    z = torch.randn(len(labels), generator.nz, generator=torch.Generator().manual_seed(seed))
-    fake = generate(generator, z, labels, seed=seed)
+    if selection == Selection():
+        z = torch.randn(len(labels), generator.nz, generator=torch.Generator().manual_seed(seed))
+        fake, chosen = generate(generator, z, labels, seed=seed), {}
+    else:
+        discriminator, classifier, check = selection.judges(folder, cfg, seed)
+        fake, labels, _, chosen = select(generator, labels, len(labels), seed, 256, None, None, selection,
+                                         discriminator, classifier)
+        if check:
+            chosen["class_check"].update(check)
+        short = [(c, n, int((labels == i).sum())) for i, (c, n) in enumerate(zip(classes, counts))
+                 if (labels == i).sum() < n]
+        if short:
+            c, n, kept = short[0]
+            raise ConfigError(f"--class-check {selection.class_check}: {kept} of {n} {c} slices passed in "
+                              f"{MAX_ROUNDS} draws; lower the threshold")
     result = U.utility_test((train_x, train_y), (test_x, test_y), (fake, labels), classes,
                             seeds=range(seed, seed + seeds), ratio=ratio, settings=U.ClassifierSettings(steps=steps),
                             progress=print)
     return {"checkpoint": str(folder), "step": state["step"], "data": data, "ema": ema, "generation_seed": seed,
-            **result}, folder
+            "selection": chosen, **result}, folder
 
 
 def run_utility(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
+    selection = Selection(d_quantile=args.filter_d_quantile, truncation_z=args.truncation_z,
+                          class_check=args.class_check)
     report, folder = utility_run(run_dir, args.data, seeds=args.seeds, ratio=args.synthetic_ratio, steps=args.steps,
-                                 seed=args.seed, ema=not args.no_ema)
+                                 seed=args.seed, ema=not args.no_ema, selection=selection)
     out = output_folder(run_dir, folder)
     out.utility_report.write_text(json.dumps(report, indent=1))
     plot_utility(report, out.utility_plot)
@@ -220,8 +246,9 @@ def utility_table(report: dict[str, Any]) -> str:
     rows = [f"{arm:<30}" + "".join(f"{s[name]['mean']:>14.3f} ± {s[name]['std']:.3f}" for name in U.SCORES)
             for arm, s in report["arms"].items()]
     generated = "  ".join(f"{c} {s['mean']:.3f} ± {s['std']:.3f}" for c, s in report["generated_class_accuracy"].items())
+    chosen = f"synthetic slices: {selection_line(report['selection'])}" if report.get("selection") else None
     return "\n".join([f"downstream utility on held-out real slices ({len(report['seeds'])} seeds, {report['steps']} "
-                      "steps per classifier; mean ± std)", header, *rows,
+                      "steps per classifier; mean ± std)", *([chosen] if chosen else []), header, *rows,
                       f"real classifier on generated slices, accuracy per requested class: {generated}",
                       report["best_use"]])
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpcgan.config import ConfigError
+from hpcgan.config import Config, ConfigError
 from hpcgan.data import load_labelled, load_real, shards
 from hpcgan.data.pixels import to_unit, to_uint8
 from hpcgan.train.checkpoint import CheckpointManager, resolve_checkpoint
@@ -117,6 +117,16 @@ class Selection:
                               "and P in [0, 1]")
         if self.class_check and not conditional:
             raise ConfigError("--class-check: the run is unconditional, so its slices have no class to check")
+
+    def judges(self, folder: Path, cfg: Config, seed: int) -> tuple[torch.nn.Module | None, torch.nn.Module | None,
+                                                                    dict[str, Any]]:
+        """After validating against the run: the discriminator and the class-check classifier this selection
+        needs (None where it needs none), and the classifier's record for the data card."""
+        self.validate(cfg.model.arch, bool(cfg.model.num_classes))
+        discriminator = load_discriminator(folder) if self.d_quantile > 0 else None
+        classifier, check = class_classifier(cfg.data.path, cfg.model.resolution, seed) if self.class_check \
+            else (None, {})
+        return discriminator, classifier, check
 
 
 def truncated_normal(n: int, nz: int, threshold: float, gen: torch.Generator) -> torch.Tensor:
@@ -235,7 +245,7 @@ def _export_labels(run: Path, model_classes: int, counts: dict[str, int], balanc
     return allocate(n, weights)
 
 
-def _selected(generator: torch.nn.Module, labels: torch.Tensor | None, n: int, seed: int, batch: int,
+def select(generator: torch.nn.Module, labels: torch.Tensor | None, n: int, seed: int, batch: int,
               train: torch.Tensor | None, heldout: torch.Tensor | None, selection: Selection = Selection(),
               discriminator: torch.nn.Module | None = None, classifier: torch.nn.Module | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], dict[str, Any]]:
@@ -289,11 +299,8 @@ def export(run: Path, out: Path, *, n: int, fmt: str, seed: int = 0, ema: bool =
     state = CheckpointManager.read_state(folder)
     run_classes = state.get("classes") or {}
     wanted = _export_labels(run, cfg.model.num_classes, run_classes, cfg.train.class_balance, classes, n)
-    selection.validate(cfg.model.arch, bool(cfg.model.num_classes))
     generator = load_generator(folder, ema=ema)
-    discriminator = load_discriminator(folder) if selection.d_quantile > 0 else None
-    classifier, check = class_classifier(cfg.data.path, cfg.model.resolution, seed) if selection.class_check \
-        else (None, {})
+    discriminator, classifier, check = selection.judges(folder, cfg, seed)
     size = cfg.model.resolution
     train = heldout = None
     if audit:
@@ -304,8 +311,8 @@ def export(run: Path, out: Path, *, n: int, fmt: str, seed: int = 0, ema: bool =
         if shards.is_shard_dir(Path(cfg.data.path)):
             val = load_real(cfg.data.path, split="val", size=size)
             heldout = to_unit(val) if len(val) else None
-    images, labels, memorization, chosen = _selected(generator, wanted, n, seed, batch, train, heldout, selection,
-                                                     discriminator, classifier)
+    images, labels, memorization, chosen = select(generator, wanted, n, seed, batch, train, heldout, selection,
+                                                  discriminator, classifier)
     if check:
         chosen["class_check"].update(check)
     names = list(run_classes)
@@ -398,12 +405,12 @@ def _datacard_markdown(card: dict[str, Any]) -> str:
         f"- classes: {', '.join(f'{k} {v}' for k, v in card['classes'].items())}"
         + (f" (train.class_balance={card['class_balance']})" if "class_balance" in card else ""),
         f"- memorization audit: {audit_line}",
-        f"- selection: {_selection_line(card['selection'])}",
+        f"- selection: {selection_line(card['selection'])}",
         f"- created: {card['created']}", "",
         f"The machine-readable version is `{DATACARD}`.", ""])
 
 
-def _selection_line(chosen: dict[str, Any]) -> str:
+def selection_line(chosen: dict[str, Any]) -> str:
     parts = []
     if d := chosen.get("discriminator"):
         parts.append(f"the discriminator's lowest-scored {d['quantile']:.0%} dropped ({d['kept']} of {d['candidates']} "

@@ -70,11 +70,11 @@ class MeanIntensityD(torch.nn.Module):
 
 
 def test_d_filter_keeps_exactly_n_and_the_highest_scored(trained, tmp_path):
-    from hpcgan.export import Selection, _draw, _selected
+    from hpcgan.export import Selection, _draw, select
     from hpcgan.train.generator import load_generator
 
     generator = load_generator(trained)
-    images, labels, _, record = _selected(generator, None, 10, 0, 64, None, None, Selection(d_quantile=0.5),
+    images, labels, _, record = select(generator, None, 10, 0, 64, None, None, Selection(d_quantile=0.5),
                                           MeanIntensityD())
     assert len(images) == 10 and labels is None
     d = record["discriminator"]
@@ -126,7 +126,7 @@ class PhantomOrStripes(torch.nn.Module):
 
 
 def test_class_check_drops_and_redraws_mislabeled_slices():
-    from hpcgan.export import Selection, _selected, recognised
+    from hpcgan.export import Selection, select, recognised
     from hpcgan.metrics.utility import ClassifierSettings, train_classifier
     from test_metrics import phantoms, stripes
 
@@ -137,7 +137,7 @@ def test_class_check_drops_and_redraws_mislabeled_slices():
     assert recognised(classifier, probe, torch.zeros(8, dtype=torch.long), 0.9).tolist() == [True] * 4 + [False] * 4
 
     wanted = torch.zeros(12, dtype=torch.long)
-    images, labels, _, record = _selected(PhantomOrStripes(), wanted, 12, 0, 64, None, None,
+    images, labels, _, record = select(PhantomOrStripes(), wanted, 12, 0, 64, None, None,
                                           Selection(class_check=0.9), classifier=classifier)
     assert len(images) == 12 and labels.tolist() == [0] * 12
     assert record["class_check"]["dropped"] > 0

@@ -197,6 +197,25 @@ def test_a_conditional_run_gets_its_utility_report(labelled, tmp_path, capsys):
     assert sorted(a.path for a in artifacts) == ["utility/utility.json", "utility/utility.png"]
 
 
+def test_utility_of_the_slices_that_sample_would_export(labelled, tmp_path, capsys):
+    """The selection flags of `hpcgan sample` choose the synthetic slices, and the report says how."""
+    out = tmp_path / "run"
+    assert make_trainer(labelled, out, "model.conditional=true", "train.steps=2", "metrics.every=0").fit() == 0
+    code = main(["evaluate", "--utility", "--run", str(out), "--data", str(labelled), "--steps", "8",
+                 "--filter-d-quantile", "0.5", "--class-check", "0.01"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    report = json.loads((out / "utility.json").read_text())
+    d, check = report["selection"]["discriminator"], report["selection"]["class_check"]
+    assert d["acceptance_rate"] == 0.5 and d["candidates"] >= 96  # 16 per class wanted, 32 drawn per class
+    assert check["threshold"] == 0.01 and 0 <= check["heldout_accuracy"] <= 1
+    assert report["counts"]["synthetic"] == {"top": 8, "centre": 8, "bottom": 8}
+    assert "synthetic slices: the discriminator's lowest-scored 50% dropped" in printed.out
+    assert main(["evaluate", "--utility", "--run", str(out), "--data", str(labelled), "--truncation-z", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--truncation-z -1.0" in err
+
+
 @pytest.fixture(scope="module")
 def unconditional_run(image_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("utility") / "plain"
