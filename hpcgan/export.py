@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("png", "shards", "nifti")
 DATACARD, DATACARD_MD = "datacard.json", "DATACARD.md"
-MAX_ROUNDS = 5  # draws to replace slices the audit or the class check left out
+# Draws to replace slices the audit or the class check left out: a class the generator draws right a
+# quarter of the time is still short by 0.02 % of its slices after 30.
+MAX_ROUNDS = 30
 CLASS_CHECK_STEPS = 300  # the utility classifier's default budget: ~90 % accuracy on the quickstart axes
 
 
