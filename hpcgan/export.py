@@ -248,9 +248,9 @@ def _export_labels(run: Path, model_classes: int, counts: dict[str, int], balanc
 
 
 def select(generator: torch.nn.Module, labels: torch.Tensor | None, n: int, seed: int, batch: int,
-              train: torch.Tensor | None, heldout: torch.Tensor | None, selection: Selection = Selection(),
-              discriminator: torch.nn.Module | None = None, classifier: torch.nn.Module | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], dict[str, Any]]:
+           train: torch.Tensor | None, heldout: torch.Tensor | None, selection: Selection = Selection(),
+           discriminator: torch.nn.Module | None = None, classifier: torch.nn.Module | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any], dict[str, Any]]:
     """`n` slices, of the classes `labels` asks for, chosen by `selection`, none of which the class check
     or the audit drops (fewer only if MAX_ROUNDS draws cannot supply them): a dropped slice is replaced
     by a fresh one of its class. Returns the slices, their classes, the audit's and the selection's record."""
