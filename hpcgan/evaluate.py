@@ -193,20 +193,14 @@ def utility_run(run: Path, data: str | None = None, *, seeds: int = 3, ratio: fl
     generator = load_generator(folder, ema=ema)
     counts = U.synthetic_counts(U.class_counts(train_y, num_classes), ratio)
     labels = torch.repeat_interleave(torch.arange(num_classes), torch.tensor(counts))
-    if selection == Selection():
-        z = torch.randn(len(labels), generator.nz, generator=torch.Generator().manual_seed(seed))
-        fake, chosen = generate(generator, z, labels, seed=seed), {}
-    else:
-        discriminator, classifier, check = selection.judges(folder, cfg, seed)
-        fake, labels, _, chosen = select(generator, labels, len(labels), seed, 256, None, None, selection,
-                                         discriminator, classifier)
-        if check:
-            chosen["class_check"].update(check)
-        short = [(c, n, int((labels == i).sum())) for i, (c, n) in enumerate(zip(classes, counts))
-                 if (labels == i).sum() < n]
-        if short:
-            c, n, kept = short[0]
-            raise ConfigError(f"--class-check {selection.class_check}: {kept} of {n} {c} slices passed in "
+    discriminator, classifier, check = selection.judges(folder, cfg, seed)
+    fake, labels, _, chosen = select(generator, labels, len(labels), seed, 256, None, None, selection,
+                                     discriminator, classifier)
+    if check:
+        chosen["class_check"].update(check)
+    for name, wanted, kept in zip(classes, counts, torch.bincount(labels, minlength=num_classes).tolist()):
+        if kept < wanted:
+            raise ConfigError(f"--class-check {selection.class_check}: {kept} of {wanted} {name} slices passed in "
                               f"{MAX_ROUNDS} draws; lower the threshold")
     result = U.utility_test((train_x, train_y), (test_x, test_y), (fake, labels), classes,
                             seeds=range(seed, seed + seeds), ratio=ratio, settings=U.ClassifierSettings(steps=steps),
